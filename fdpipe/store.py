@@ -1,0 +1,105 @@
+"""HDF5 files for images and features, and atomic writes.
+
+Every file is written under a unique temporary name in the target folder and
+renamed into place only after it is complete, so an interrupted job never
+leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from fdpipe import __version__
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it into place on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _set_attrs(target: h5py.AttributeManager, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        target[key] = value if value is not None else ""
+
+
+def write_images(
+    path: str | Path, images: np.ndarray, labels: np.ndarray, **attrs: Any
+) -> None:
+    """Write uint8 images (N, C, H, W) and int labels (N,) to HDF5."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as fh:
+            fh.create_dataset("images", data=images, chunks=True, compression="lzf")
+            fh.create_dataset("labels", data=labels.astype(np.int64))
+            _set_attrs(fh.attrs, {"fdpipe_version": __version__, "count": images.shape[0],
+                                  "resolution": images.shape[-1], "channels": images.shape[1],
+                                  **attrs})
+
+
+def read_images(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read images, labels and attributes written by ``write_images``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    with h5py.File(path, "r") as fh:
+        for key in ("images", "labels"):
+            if key not in fh:
+                raise KeyError(f"{path}: missing dataset '{key}'; is this an fdpipe image file?")
+        return fh["images"][()], fh["labels"][()], dict(fh.attrs)
+
+
+def write_features(
+    path: str | Path, features: np.ndarray, labels: np.ndarray, **attrs: Any
+) -> None:
+    """Write float32 features (N, d), labels and provenance attributes."""
+    if not np.all(np.isfinite(features)):
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        raise ValueError(
+            f"refusing to write {path}: features of {bad.size} images are NaN or Inf "
+            f"(first image index {bad[0]})"
+        )
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as fh:
+            fh.create_dataset("features", data=features.astype(np.float32))
+            fh.create_dataset("labels", data=labels.astype(np.int64))
+            _set_attrs(fh.attrs, {"fdpipe_version": __version__, "count": features.shape[0],
+                                  "dim": features.shape[1], **attrs})
+
+
+def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"feature file not found: {path}")
+    with h5py.File(path, "r") as fh:
+        if "features" not in fh:
+            raise KeyError(f"{path}: missing dataset 'features'; is this an fdpipe feature file?")
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fh.attrs.items()}
+        return fh["features"][()], fh["labels"][()], attrs
