@@ -77,9 +77,11 @@ def read_images(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any
 
 
 def write_features(
-    path: str | Path, features: np.ndarray, labels: np.ndarray, **attrs: Any
+    path: str | Path, features: np.ndarray, labels: np.ndarray,
+    extra: dict[str, np.ndarray] | None = None, **attrs: Any
 ) -> None:
-    """Write float32 features (N, d), labels and provenance attributes."""
+    """Write float32 features (N, d), labels, optional extra arrays (such as
+    classifier logits) and provenance attributes."""
     if not np.all(np.isfinite(features)):
         bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
         raise ValueError(
@@ -90,6 +92,8 @@ def write_features(
         with h5py.File(tmp, "w") as fh:
             fh.create_dataset("features", data=features.astype(np.float32))
             fh.create_dataset("labels", data=labels.astype(np.int64))
+            for name, array in (extra or {}).items():
+                fh.create_dataset(name, data=array)
             _set_attrs(fh.attrs, {"fdpipe_version": __version__, "count": features.shape[0],
                                   "dim": features.shape[1], **attrs})
 
@@ -103,3 +107,11 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, A
             raise KeyError(f"{path}: missing dataset 'features'; is this an fdpipe feature file?")
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fh.attrs.items()}
         return fh["features"][()], fh["labels"][()], attrs
+
+
+def read_dataset(path: str | Path, name: str) -> np.ndarray:
+    """Read one named array from an fdpipe HDF5 file."""
+    with h5py.File(path, "r") as fh:
+        if name not in fh:
+            raise KeyError(f"{path}: no dataset '{name}' (found {sorted(fh.keys())})")
+        return fh[name][()]

@@ -1,0 +1,5 @@
+import sys
+
+from fdpipe.cli import main
+
+sys.exit(main())

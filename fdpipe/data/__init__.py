@@ -1,0 +1,1 @@
+"""Datasets: Fashion-MNIST IDX files and conversion to fdpipe image files."""

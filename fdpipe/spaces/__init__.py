@@ -1,0 +1,6 @@
+"""Representation-space registry; importing this package registers all families."""
+
+from fdpipe.spaces import demo  # noqa: F401  (registers the demo families)
+from fdpipe.spaces.base import FeatureSpace, SpaceSpec, build_space, families, register_family
+
+__all__ = ["FeatureSpace", "SpaceSpec", "build_space", "families", "register_family"]

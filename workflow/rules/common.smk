@@ -1,0 +1,103 @@
+# Config validation, wildcard constraints, resources and input functions.
+
+import json
+import re
+import shlex
+import sys
+
+from snakemake.exceptions import WorkflowError
+
+from fdpipe.config import ConfigError, space_weights_path, validate_config
+
+try:
+    CFG = validate_config(config, source="the Snakemake config")
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+FDPIPE = f"{shlex.quote(sys.executable)} -m fdpipe"
+SEED = CFG["seed"]
+DEVICE = CFG["device"]
+SPACES = CFG["spaces"]
+EVAL_SPACES = CFG["evaluation"]["spaces"]
+FDRK_SPACES = CFG["evaluation"]["fdrk_spaces"]
+RUNS = CFG["finetune"]["runs"]
+BASE_STEPS = CFG["generator"]["base_steps"]
+BASE_VARIANTS = [f"base-{n}step" for n in BASE_STEPS]
+VARIANTS = BASE_VARIANTS + list(RUNS)
+TRAINED_SPACES = [s for s, v in SPACES.items() if v["family"] in ("classifier", "mae", "simclr")
+                  and not v.get("weights")]
+EXTERNAL_BASE = CFG["generator"]["checkpoint"]
+BASE_CHECKPOINT = EXTERNAL_BASE or "results/generators/base.pt"
+
+for _run in RUNS:
+    if _run.startswith("base-") or not _run.replace("-", "").replace("_", "").isalnum():
+        raise WorkflowError(
+            f"finetune.runs.{_run}: run names use letters, digits, '-' and '_' and must not "
+            f"start with 'base-'"
+        )
+
+
+def _alternatives(names):
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+wildcard_constraints:
+    split="train|test",
+    space=_alternatives(SPACES),
+    trained_space=_alternatives(TRAINED_SPACES),
+    run=_alternatives(RUNS),
+    variant=_alternatives(VARIANTS),
+    steps=r"\d+",
+
+
+# Per-rule defaults: threads, memory (MB), runtime (minutes) and GPUs. Any of
+# them can be overridden under `resources.<rule>` in the config.
+GPU_RULES = {"train_encoder", "extract_real", "extract_generated", "pretrain", "finetune",
+             "sample_base", "sample_run"}
+DEFAULT_RESOURCES = {
+    "prepare_data": {"threads": 1, "mem_mb": 2000, "runtime": 10},
+    "train_encoder": {"threads": 2, "mem_mb": 4000, "runtime": 60},
+    "extract_real": {"threads": 1, "mem_mb": 4000, "runtime": 60},
+    "extract_generated": {"threads": 1, "mem_mb": 4000, "runtime": 60},
+    "stats": {"threads": 1, "mem_mb": 2000, "runtime": 10},
+    "valfd": {"threads": 1, "mem_mb": 2000, "runtime": 10},
+    "pretrain": {"threads": 2, "mem_mb": 4000, "runtime": 120},
+    "finetune": {"threads": 1, "mem_mb": 4000, "runtime": 120},
+    "sample_base": {"threads": 1, "mem_mb": 4000, "runtime": 60},
+    "sample_run": {"threads": 1, "mem_mb": 4000, "runtime": 60},
+    "evaluate": {"threads": 1, "mem_mb": 2000, "runtime": 10},
+    "aggregate": {"threads": 1, "mem_mb": 1000, "runtime": 10},
+}
+
+
+def res(rule_name, key):
+    value = CFG["resources"].get(rule_name, {}).get(key)
+    if value is not None:
+        return value
+    if key == "gpu":
+        return 1 if rule_name in GPU_RULES else 0
+    return DEFAULT_RESOURCES[rule_name][key]
+
+
+def spec_arg(payload):
+    """Shell-quoted JSON; as a param it makes Snakemake rerun jobs when it changes."""
+    return shlex.quote(json.dumps(payload, sort_keys=True))
+
+
+def space_spec(name):
+    space = dict(SPACES[name])
+    space["weights"] = space_weights_path(name, space)
+    return space
+
+
+def space_weights(name):
+    path = space_weights_path(name, SPACES[name])
+    return [path] if path else []
+
+
+def log_path(rule_name, *parts):
+    return f"results/logs/{rule_name}/" + "/".join(parts) + ".log"
+
+
+def bench_path(rule_name, *parts):
+    return f"results/benchmarks/{rule_name}/" + "/".join(parts) + ".tsv"

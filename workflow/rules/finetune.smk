@@ -1,0 +1,37 @@
+# FD-loss post-training, one job per configured run.
+
+
+def finetune_spec(run):
+    return spec_arg({
+        "run": RUNS[run],
+        "spaces": {s: space_spec(s) for s in RUNS[run]["spaces"]},
+        "generator": {k: CFG["generator"][k] for k in ("factory", "checkpoint", "options")},
+        "guidance_scale": CFG["generator"]["guidance_scale"],
+    })
+
+
+rule finetune:
+    input:
+        base=BASE_CHECKPOINT,
+        stats=lambda w: expand("results/stats/train/{space}.npz", space=RUNS[w.run]["spaces"]),
+        weights=lambda w: [p for s in RUNS[w.run]["spaces"] for p in space_weights(s)],
+    output:
+        checkpoint="results/runs/{run}/generator.pt",
+        metrics="results/runs/{run}/metrics.jsonl",
+    params:
+        spec=lambda w: finetune_spec(w.run),
+        spaces=lambda w: " ".join(RUNS[w.run]["spaces"]),
+        out_dir="results/runs/{run}",
+    log:
+        log_path("finetune", "{run}"),
+    benchmark:
+        bench_path("finetune", "{run}")
+    threads: res("finetune", "threads")
+    resources:
+        mem_mb=res("finetune", "mem_mb"),
+        runtime=res("finetune", "runtime"),
+        gpu=res("finetune", "gpu"),
+    shell:
+        "{FDPIPE} finetune --spec {params.spec} --generator-checkpoint {input.base}"
+        " --spaces {params.spaces} --stats {input.stats} --seed {SEED} --device {DEVICE}"
+        " --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
