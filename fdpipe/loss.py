@@ -4,17 +4,32 @@ Population statistics come from an EMA or a queue of generated features; the
 gradient flows through the current batch only. With several spaces, each
 space's FD is divided by its own detached value so that every space
 contributes a gradient of unit scale, then the spaces are weighted and summed.
+
+Per step and space, ``FDLoss`` costs one symmetric eigendecomposition of a
+d x d matrix plus O(B d^2): the estimators keep R M2 R (R = reference root)
+up to date after each step, so no d x d x d product of detached state is
+recomputed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fdpipe.stats import EMAStatistics, GaussianStats, QueueStatistics
+from fdpipe.frechet import (
+    EIGEN_FLOOR_REL,
+    StatisticsError,
+    trace_sqrt_lowrank,
+    trace_sqrt_psd,
+)
+from fdpipe.stats import EMAStatistics, GaussianStats, ProjectedPopulation, QueueStatistics
 
-# Eigenvalues of R S R below EIGEN_FLOOR_REL * max eigenvalue are clamped
-# there; the gradient of sqrt is then bounded by 1 / (2 sqrt(floor)).
-EIGEN_FLOOR_REL = 1e-10
+__all__ = [
+    "EIGEN_FLOOR_REL",
+    "FDLoss",
+    "ReferenceTensors",
+    "differentiable_fd",
+    "projected_fd",
+]
 
 
 class ReferenceTensors(torch.nn.Module):
@@ -29,23 +44,44 @@ class ReferenceTensors(torch.nn.Module):
         )
 
 
-def differentiable_fd(
-    mu: torch.Tensor, sigma: torch.Tensor, ref: ReferenceTensors
-) -> torch.Tensor:
-    """Return FD(N(mu, sigma), reference) as a differentiable float64 scalar."""
-    diff = mu - ref.mu
-    root = ref.sqrt_sigma
-    product = root @ sigma @ root
-    product = 0.5 * (product + product.T)
-    eigenvalues = torch.linalg.eigvalsh(product)
-    floor = EIGEN_FLOOR_REL * eigenvalues.detach().abs().max().clamp_min(1e-300)
-    trace_sqrt = eigenvalues.clamp_min(floor).sqrt().sum()
-    fd = diff @ diff + torch.diagonal(sigma).sum() + ref.trace_sigma - 2.0 * trace_sqrt
-    if not torch.isfinite(fd):
-        raise FloatingPointError(
+def _check_fd(fd: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(fd.detach())):
+        raise StatisticsError(
             "Frechet distance is not finite; the population statistics contain NaN or Inf"
         )
     return fd
+
+
+def differentiable_fd(
+    mu: torch.Tensor, sigma: torch.Tensor, ref: ReferenceTensors
+) -> torch.Tensor:
+    """Return FD(N(mu, sigma), reference) as a differentiable float64 scalar.
+
+    Forms R sigma R, so forward and backward each cost O(d^3) products on top
+    of the eigendecomposition; ``projected_fd`` avoids them. Raises
+    StatisticsError when the statistics are non-finite, indefinite or zero.
+    """
+    mu = mu.to(torch.float64)
+    sigma = sigma.to(torch.float64)
+    diff = mu - ref.mu
+    root = ref.sqrt_sigma
+    trace_sqrt = trace_sqrt_psd(root @ sigma @ root)
+    fd = diff @ diff + torch.diagonal(sigma).sum() + ref.trace_sigma - 2.0 * trace_sqrt
+    return _check_fd(fd)
+
+
+def projected_fd(population: ProjectedPopulation, ref: ReferenceTensors) -> torch.Tensor:
+    """Return FD(population, reference) from statistics already seen through R.
+
+    One eigendecomposition plus O(B d^2); gradients reach the batch through
+    the population's factor, centre, mean and trace.
+    """
+    diff = population.mean - ref.mu
+    trace_sqrt = trace_sqrt_lowrank(
+        population.base, population.factor, population.coef, population.centre
+    )
+    fd = diff @ diff + population.trace + ref.trace_sigma - 2.0 * trace_sqrt
+    return _check_fd(fd)
 
 
 class FDLoss(torch.nn.Module):
@@ -62,21 +98,35 @@ class FDLoss(torch.nn.Module):
         eps: float = 1e-8,
     ):
         super().__init__()
+        if not references:
+            raise ValueError("FDLoss needs at least one reference space")
+        unknown = sorted(set(weights or {}) - set(references))
+        if unknown:
+            raise ValueError(f"weights given for unknown space(s) {unknown}; spaces: {sorted(references)}")
         self.spaces = list(references)
         self.weights = {s: float((weights or {}).get(s, 1.0)) for s in self.spaces}
         self.eps = eps
         self.refs = torch.nn.ModuleDict({s: ReferenceTensors(r) for s, r in references.items()})
-        if method == "ema":
-            estimators = {s: EMAStatistics(r.dim, beta) for s, r in references.items()}
-        elif method == "queue":
-            estimators = {s: QueueStatistics(r.dim, queue_size) for s, r in references.items()}
-        else:
-            raise ValueError(f"unknown statistics method '{method}'; use 'ema' or 'queue'")
+        estimators: dict[str, torch.nn.Module] = {}
+        for space, ref in references.items():
+            root = self.refs[space].sqrt_sigma
+            if method == "ema":
+                estimators[space] = EMAStatistics(ref.dim, beta, projection=root)
+            elif method == "queue":
+                estimators[space] = QueueStatistics(ref.dim, queue_size, projection=root)
+            else:
+                raise ValueError(f"unknown statistics method '{method}'; use 'ema' or 'queue'")
         self.estimators = torch.nn.ModuleDict(estimators)
 
+    def _features(self, features: dict[str, torch.Tensor], space: str) -> torch.Tensor:
+        if space not in features:
+            raise KeyError(f"no features for space '{space}'; got {sorted(features)}")
+        return features[space]
+
     def fill(self, features: dict[str, torch.Tensor]) -> None:
+        """Initialise every space's population from generated features."""
         for space in self.spaces:
-            self.estimators[space].fill(features[space])
+            self.estimators[space].fill(self._features(features, space))
 
     def forward(
         self, features: dict[str, torch.Tensor]
@@ -85,8 +135,12 @@ class FDLoss(torch.nn.Module):
         total = torch.zeros((), dtype=torch.float64, device=next(iter(features.values())).device)
         values: dict[str, float] = {}
         for space in self.spaces:
-            mu, sigma = self.estimators[space].population(features[space])
-            fd = differentiable_fd(mu, sigma, self.refs[space])
+            x = self._features(features, space)
+            try:
+                population = self.estimators[space].projected_population(x)
+                fd = projected_fd(population, self.refs[space])
+            except StatisticsError as err:
+                raise StatisticsError(f"space '{space}': {err}") from err
             values[space] = float(fd.detach())
             normalised = fd / (fd.detach() + self.eps) if len(self.spaces) > 1 else fd
             total = total + self.weights[space] * normalised
@@ -94,5 +148,6 @@ class FDLoss(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, features: dict[str, torch.Tensor]) -> None:
+        """Fold the detached batch into each space's population; call after the step."""
         for space in self.spaces:
-            self.estimators[space].update(features[space])
+            self.estimators[space].update(self._features(features, space))

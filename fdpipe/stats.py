@@ -7,6 +7,7 @@ All accumulation is float64. ``Moments`` merges shards with the parallel
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,8 @@ from fdpipe.frechet import StatisticsError, frechet_distance, psd_sqrt
 from fdpipe.store import atomic_path
 
 STATS_KEYS = ("mu", "sigma", "n")
+
+log = logging.getLogger(__name__)
 
 
 class Moments:
@@ -37,6 +40,11 @@ class Moments:
             raise ValueError(f"expected features of shape (n, {self.dim}), got {x.shape}")
         if x.shape[0] == 0:
             return
+        if not np.all(np.isfinite(x)):
+            raise StatisticsError(
+                f"features contain NaN or Inf ({int(np.sum(~np.isfinite(x)))} values); "
+                f"check the encoder output"
+            )
         other = Moments(self.dim)
         other.count = x.shape[0]
         other.mean = x.mean(axis=0)
@@ -57,6 +65,7 @@ class Moments:
         self.count = total
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
+        """Return m2 / (count - ddof), symmetrised."""
         if self.count - ddof <= 0:
             raise StatisticsError(
                 f"need more than {ddof} feature vectors for a covariance, have {self.count}"
@@ -164,53 +173,159 @@ class GaussianStats:
                 f"not '{expect_space}'"
             )
         out = cls(mu, sigma, n, attrs)
-        if root is not None and root.shape == sigma.shape:
+        if root is not None and _root_matches(root, sigma):
             out.__dict__["sqrt_sigma"] = root
+        elif root is not None:
+            log.warning("%s: stored sqrt_sigma does not match sigma; recomputing it", path)
         return out
 
 
+def _root_matches(root: np.ndarray, sigma: np.ndarray) -> bool:
+    """Check in O(d^2) that a stored root R fits sigma: tr(R R) = tr(sigma)."""
+    if root.shape != sigma.shape or not np.all(np.isfinite(root)):
+        return False
+    trace = float(np.trace(sigma))
+    return abs(float(np.sum(root * root.T)) - trace) <= 1e-8 * max(abs(trace), 1e-300)
+
+
+@dataclass(frozen=True)
+class ProjectedPopulation:
+    """Population statistics seen through a reference root R.
+
+    R S R = base + coef * factor^T factor - centre centre^T, where S is the
+    population covariance. Only ``factor``, ``centre``, ``mean`` and ``trace``
+    depend on the current batch; ``base`` is detached state.
+    """
+
+    mean: torch.Tensor  # [d] population mean
+    trace: torch.Tensor  # [] tr(S)
+    base: torch.Tensor  # [d, d] detached
+    factor: torch.Tensor  # [B, d] (x - shift) R
+    coef: float
+    centre: torch.Tensor  # [d] R (mean - shift)
+
+
+def _batch_float64(x: torch.Tensor, dim: int, what: str) -> torch.Tensor:
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"{what}: expected features of shape (B, {dim}), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what}: the batch is empty")
+    x = x.to(torch.float64)
+    if not bool(torch.isfinite(x.detach()).all()):
+        raise StatisticsError(f"{what}: features contain NaN or Inf")
+    return x
+
+
 class EMAStatistics(torch.nn.Module):
-    """Exponential moving average of the mean and raw second moment.
+    """Exponential moving average of the mean and second moment of features.
 
     ``population(x)`` mixes the detached EMA with the current batch, so the
     gradient flows through the batch only:
-    mu = b mu_ema + (1 - b) mean(x), M2 = b M2_ema + (1 - b) x^T x / B.
-    ``update(x)`` folds the detached batch into the EMA after the step.
+    mu = b mu_ema + (1 - b) mean(x), M2 = b M2_ema + (1 - b) z^T z / B and
+    S = M2 - (mu - c)(mu - c)^T with z = x - c. The second moment is taken
+    about ``shift`` c, the mean at ``fill`` time, so that a large common
+    offset of the features does not cancel away the covariance.
+    ``update(x)`` folds the detached batch into the EMA after the optimiser
+    step.
+
+    With ``projection`` R (the reference root), the module also keeps
+    R M2_ema R up to date with a rank-B update per step, and
+    ``projected_population`` returns R S R in factored form, so FD-loss needs
+    no d x d x d product per step.
     """
 
-    def __init__(self, dim: int, beta: float):
+    def __init__(self, dim: int, beta: float, projection: torch.Tensor | None = None):
         super().__init__()
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"EMA beta must be in [0, 1), got {beta}")
-        self.beta = beta
+        self.dim = int(dim)
+        self.beta = float(beta)
         self.register_buffer("mu", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(dim, dim, dtype=torch.float64))
+        self.register_buffer("shift", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
+        if projection is not None:
+            root = _check_projection(projection, dim)
+            self.register_buffer("projection", root)
+            self.register_buffer("projected_m2", torch.zeros_like(root))
+        else:
+            self.projection = None
 
+    @torch.no_grad()
     def fill(self, features: torch.Tensor) -> None:
         """Initialise from features of samples of the generator being trained."""
-        x = features.detach().to(torch.float64)
-        self.mu.copy_(x.mean(0))
-        self.m2.copy_(x.T @ x / x.shape[0])
+        x = _batch_float64(features.detach(), self.dim, "EMA fill")
+        if x.shape[0] < 2:
+            raise StatisticsError(f"EMA fill needs at least 2 feature vectors, got {x.shape[0]}")
+        self.shift.copy_(x.mean(0))
+        self.mu.copy_(self.shift)
+        z = x - self.shift
+        self.m2.copy_(z.T @ z / x.shape[0])
+        if self.projection is not None:
+            y = z @ self.projection
+            self.projected_m2.copy_(y.T @ y / x.shape[0])
         self.filled.fill_(True)
+
+    def _check_filled(self) -> None:
+        if not bool(self.filled):
+            raise RuntimeError("EMA statistics used before fill(); initialise them first")
 
     def population(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mean, covariance) of the EMA population with batch x mixed in."""
-        if not bool(self.filled):
-            raise RuntimeError("EMA statistics used before fill(); initialise them first")
-        x = x.to(torch.float64)
+        self._check_filled()
+        x = _batch_float64(x, self.dim, "EMA population")
         b = self.beta
+        z = x - self.shift
         mu = b * self.mu + (1.0 - b) * x.mean(0)
-        m2 = b * self.m2 + (1.0 - b) * (x.T @ x) / x.shape[0]
-        sigma = m2 - torch.outer(mu, mu)
-        return mu, sigma
+        m2 = b * self.m2 + (1.0 - b) * (z.T @ z) / x.shape[0]
+        deviation = mu - self.shift
+        return mu, m2 - torch.outer(deviation, deviation)
+
+    def projected_population(self, x: torch.Tensor) -> ProjectedPopulation:
+        """Return the population with batch x mixed in, seen through R; O(B d^2)."""
+        self._check_filled()
+        if self.projection is None:
+            raise RuntimeError("projected_population needs EMAStatistics(..., projection=R)")
+        x = _batch_float64(x, self.dim, "EMA population")
+        b = self.beta
+        batch = x.shape[0]
+        z = x - self.shift
+        mu = b * self.mu + (1.0 - b) * x.mean(0)
+        deviation = mu - self.shift
+        trace = (
+            b * torch.diagonal(self.m2).sum()
+            + (1.0 - b) * (z * z).sum() / batch
+            - deviation @ deviation
+        )
+        return ProjectedPopulation(
+            mean=mu,
+            trace=trace,
+            base=b * self.projected_m2,
+            factor=z @ self.projection,
+            coef=(1.0 - b) / batch,
+            centre=deviation @ self.projection,
+        )
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float64)
+        """Fold the detached batch into the EMA; O(B d^2)."""
+        self._check_filled()
+        x = _batch_float64(x.detach(), self.dim, "EMA update")
         b = self.beta
+        batch = x.shape[0]
+        z = x - self.shift
         self.mu.mul_(b).add_(x.mean(0), alpha=1.0 - b)
-        self.m2.mul_(b).add_(x.T @ x / x.shape[0], alpha=1.0 - b)
+        self.m2.mul_(b).addmm_(z.T, z, alpha=(1.0 - b) / batch)
+        if self.projection is not None:
+            y = z @ self.projection
+            self.projected_m2.mul_(b).addmm_(y.T, y, alpha=(1.0 - b) / batch)
+
+
+def _check_projection(projection: torch.Tensor, dim: int) -> torch.Tensor:
+    root = torch.as_tensor(projection).detach().to(torch.float64)
+    if root.shape != (dim, dim):
+        raise ValueError(f"projection must have shape ({dim}, {dim}), got {tuple(root.shape)}")
+    return root
 
 
 class QueueStatistics(torch.nn.Module):
@@ -218,71 +333,137 @@ class QueueStatistics(torch.nn.Module):
 
     ``population(x)`` replaces the oldest B entries by the batch x, so the
     gradient flows through the batch only; ``update(x)`` then enqueues x.
-    Size 0 means batch statistics only.
+    The sums are of z = x - c and z z^T, with ``shift`` c the mean at
+    ``fill`` time, and are recomputed from the stored features once per pass
+    through the queue so that round-off cannot accumulate. Size 0 means batch
+    statistics only.
+
+    With ``projection`` R the module also keeps R (sum z z^T) R, updated in
+    O(B d^2) per step, for ``projected_population``.
     """
 
-    def __init__(self, dim: int, size: int):
+    def __init__(self, dim: int, size: int, projection: torch.Tensor | None = None):
         super().__init__()
+        if size < 0:
+            raise ValueError(f"queue size must be >= 0, got {size}")
+        self.dim = int(dim)
         self.size = int(size)
         self.register_buffer("buffer", torch.zeros(self.size, dim, dtype=torch.float64))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("shift", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("sum1", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("sum2", torch.zeros(dim, dim, dtype=torch.float64))
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
+        if projection is not None:
+            root = _check_projection(projection, dim)
+            self.register_buffer("projection", root)
+            self.register_buffer("projected_sum2", torch.zeros_like(root))
+        else:
+            self.projection = None
 
     def _slots(self, b: int) -> torch.Tensor:
         return (self.pointer + torch.arange(b, device=self.buffer.device)) % self.size
 
     @torch.no_grad()
     def fill(self, features: torch.Tensor) -> None:
+        """Fill the queue with the last ``size`` rows of features."""
+        x = _batch_float64(features.detach(), self.dim, "queue fill")
         if self.size == 0:
             self.filled.fill_(True)
             return
-        x = features.detach().to(torch.float64)
         if x.shape[0] < self.size:
             raise ValueError(
                 f"queue of size {self.size} needs at least {self.size} features to fill, "
                 f"got {x.shape[0]}"
             )
         self.buffer.copy_(x[-self.size :])
+        self.shift.copy_(self.buffer.mean(0))
         self.pointer.zero_()
         self._recompute()
         self.filled.fill_(True)
 
     @torch.no_grad()
     def _recompute(self) -> None:
-        self.sum1.copy_(self.buffer.sum(0))
-        self.sum2.copy_(self.buffer.T @ self.buffer)
+        z = self.buffer - self.shift
+        self.sum1.copy_(z.sum(0))
+        self.sum2.copy_(z.T @ z)
+        if self.projection is not None:
+            self.projected_sum2.copy_(self.projection @ self.sum2 @ self.projection)
 
-    def population(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_ready(self, b: int) -> None:
         if not bool(self.filled):
             raise RuntimeError("queue statistics used before fill(); initialise them first")
-        x = x.to(torch.float64)
+        if b > self.size > 0:
+            raise ValueError(f"batch of {b} is larger than the queue ({self.size})")
+
+    def population(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mean, covariance) of the queue with its oldest B entries replaced by x."""
+        x = _batch_float64(x, self.dim, "queue population")
         b = x.shape[0]
+        self._check_ready(b)
         if self.size == 0:
             mu = x.mean(0)
             centred = x - mu
             return mu, centred.T @ centred / b
-        if b > self.size:
-            raise ValueError(f"batch of {b} is larger than the queue ({self.size})")
-        old = self.buffer[self._slots(b)]
+        z = x - self.shift
+        old = self.buffer[self._slots(b)] - self.shift
         n = self.size
-        mu = (self.sum1 - old.sum(0) + x.sum(0)) / n
-        m2 = (self.sum2 - old.T @ old + x.T @ x) / n
-        return mu, m2 - torch.outer(mu, mu)
+        deviation = (self.sum1 - old.sum(0) + z.sum(0)) / n
+        m2 = (self.sum2 - old.T @ old + z.T @ z) / n
+        return self.shift + deviation, m2 - torch.outer(deviation, deviation)
+
+    def projected_population(self, x: torch.Tensor) -> ProjectedPopulation:
+        """Return the population with batch x swapped in, seen through R; O(B d^2)."""
+        if self.projection is None:
+            raise RuntimeError("projected_population needs QueueStatistics(..., projection=R)")
+        x = _batch_float64(x, self.dim, "queue population")
+        b = x.shape[0]
+        self._check_ready(b)
+        root = self.projection
+        if self.size == 0:
+            mean = x.mean(0)
+            centred = x - mean
+            return ProjectedPopulation(
+                mean=mean,
+                trace=(centred * centred).sum() / b,
+                base=torch.zeros_like(root),
+                factor=centred @ root,
+                coef=1.0 / b,
+                centre=torch.zeros_like(mean),
+            )
+        z = x - self.shift
+        old = self.buffer[self._slots(b)] - self.shift
+        old_projected = old @ root
+        n = self.size
+        deviation = (self.sum1 - old.sum(0) + z.sum(0)) / n
+        total_sq = torch.diagonal(self.sum2).sum() - (old * old).sum() + (z * z).sum()
+        return ProjectedPopulation(
+            mean=self.shift + deviation,
+            trace=total_sq / n - deviation @ deviation,
+            base=(self.projected_sum2 - old_projected.T @ old_projected) / n,
+            factor=z @ root,
+            coef=1.0 / n,
+            centre=deviation @ root,
+        )
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
+        """Enqueue the detached batch in place of the oldest entries; O(B d^2)."""
         if self.size == 0:
             return
-        x = x.detach().to(torch.float64)
+        x = _batch_float64(x.detach(), self.dim, "queue update")
+        self._check_ready(x.shape[0])
         slots = self._slots(x.shape[0])
-        old = self.buffer[slots]
-        self.sum1.add_(x.sum(0) - old.sum(0))
-        self.sum2.add_(x.T @ x - old.T @ old)
+        z = x - self.shift
+        old = self.buffer[slots] - self.shift
+        self.sum1.add_(z.sum(0) - old.sum(0))
+        self.sum2.addmm_(z.T, z).addmm_(old.T, old, alpha=-1.0)
+        if self.projection is not None:
+            y = z @ self.projection
+            y_old = old @ self.projection
+            self.projected_sum2.addmm_(y.T, y).addmm_(y_old.T, y_old, alpha=-1.0)
         self.buffer[slots] = x
         new_pointer = int(self.pointer) + x.shape[0]
-        # Refresh the running sums once per pass so round-off cannot accumulate.
         if new_pointer >= self.size:
             self._recompute()
         self.pointer.fill_(new_pointer % self.size)
