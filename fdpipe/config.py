@@ -84,24 +84,29 @@ def _describe(error: jsonschema.ValidationError, root: dict[str, Any]) -> str:
 def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Return a validated deep copy of ``config`` with defaults filled in."""
     config = copy.deepcopy(config)
+    _merge_run_defaults(config)
     schema = load_schema()
     validator = _DefaultingValidator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = "\n  ".join(_describe(e, schema) for e in errors)
         raise ConfigError(f"invalid configuration in {source}:\n  {lines}")
-    _fill_run_defaults(config)
     _check_cross_references(config, source)
     return config
 
 
-def _fill_run_defaults(config: dict[str, Any]) -> None:
-    schema = load_schema()
-    settings = schema["$defs"]["finetune_settings"]["properties"]
-    defaults = {k: v["default"] for k, v in settings.items() if "default" in v}
-    defaults.update(config["finetune"].get("defaults", {}))
-    for name, run in config["finetune"]["runs"].items():
-        config["finetune"]["runs"][name] = {**copy.deepcopy(defaults), **run}
+def _merge_run_defaults(config: dict[str, Any]) -> None:
+    """Apply finetune.defaults to every run before the schema fills the rest."""
+    finetune = config.get("finetune")
+    if not isinstance(finetune, dict):
+        return
+    defaults = finetune.get("defaults") or {}
+    runs = finetune.get("runs") or {}
+    if not isinstance(defaults, dict) or not isinstance(runs, dict):
+        return
+    for name, run in runs.items():
+        if isinstance(run, dict):
+            runs[name] = {**copy.deepcopy(defaults), **run}
 
 
 def _check_cross_references(config: dict[str, Any], source: str) -> None:

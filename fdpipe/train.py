@@ -125,7 +125,7 @@ def finetune(generator: torch.nn.Module, spaces: dict[str, FeatureSpace],
             fd_loss.update({k: v.detach() for k, v in features.items()})
             ema.update(generator)
             if step % cfg.log_every == 0 or step in (1, cfg.steps):
-                last = {"step": step, "loss": float(loss), "grad_norm": float(grad_norm),
+                last = {"step": step, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
                         "fd": fds}
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()

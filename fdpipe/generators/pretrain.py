@@ -61,7 +61,7 @@ def pretrain_flow(images: np.ndarray, labels: np.ndarray, model_cfg: FlowConfig,
         opt.step()
         sched.step()
         ema.update(model)
-        running += float(loss)
+        running += float(loss.detach())
         if step % cfg.log_every == 0 or step == cfg.steps:
             count = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
             history.append({"step": step, "loss": running / count})

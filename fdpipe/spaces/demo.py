@@ -7,6 +7,7 @@ Controls: downsampled raw pixels and a randomly initialised CNN.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ class ConvEncoder(nn.Module):
         layers: list[nn.Module] = []
         channels = 3
         for width in widths:
-            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(8, width),
+            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(math.gcd(8, width), width),
                        nn.SiLU()]
             channels = width
         self.body = nn.Sequential(*layers)

@@ -120,7 +120,7 @@ def train_encoder(family: str, options: dict[str, Any], images: np.ndarray, labe
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss)
+            running += float(loss.detach())
             progress.update(1)
         log.info("%s epoch %d/%d: mean training loss %.4f", family, epoch + 1, cfg.epochs,
                  running / steps_per_epoch)
