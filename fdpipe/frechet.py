@@ -172,12 +172,13 @@ def trace_sqrt_product(
 ) -> float:
     """Return tr((sigma1 sigma2)^{1/2}) given the PSD root R of sigma2.
 
-    The fast path takes the eigenvalues of R sigma1 R. Each has an absolute
-    error of about delta = sqrt(d) eps max eigenvalue, and the square root
-    turns that into up to sqrt(delta) for eigenvalues near zero. When the
-    summed error estimate exceeds ACCURACY_REL * ``scale`` (default: the
+    The fast path takes the eigenvalues of R sigma1 R. Each carries an
+    absolute error of about delta = eps * max eigenvalue, which the square
+    root turns into up to sqrt(delta) near zero. The errors are estimated as
+    the root-sum-square of sqrt(l + delta) - sqrt(l - delta) over the
+    eigenvalues l. When that exceeds ACCURACY_REL * ``scale`` (default: the
     trace term itself), the trace term is recomputed as the sum of singular
-    values of G^T R, with G a pivoted Cholesky factor of sigma1: singular
+    values of G^T R, with G a pivoted Cholesky factor of sigma1. Singular
     values carry absolute errors of about eps * max singular value, with no
     square root in between. Raises StatisticsError when sigma1 is indefinite.
     """
@@ -186,8 +187,11 @@ def trace_sqrt_product(
     w = _eigvalsh(_sandwich_lower(root, s1), "R S1 R")
     w = _zero_roundoff(w, "first covariance (seen through R S1 R, R = second root)")
     value = float(w.sqrt().sum())
-    delta = roundoff_threshold(w)
-    error = float(((w + delta).sqrt() - (w - delta).clamp_min(0.0).sqrt()).sum())
+    if w.numel() == 0:
+        return value
+    delta = _EPS * float(w[-1])
+    spread = (w + delta).sqrt() - (w - delta).clamp_min(0.0).sqrt()
+    error = float(spread.square().sum().sqrt())
     if error <= ACCURACY_REL * (value if scale is None else scale):
         return value
     log.debug(
