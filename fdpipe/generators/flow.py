@@ -1,9 +1,11 @@
 """Built-in class-conditional flow-matching generator (a residual MLP).
 
-Flow matching with the linear path x_t = (1 - t) z + t x, z ~ N(0, I), and
-target velocity x - z. ``sample`` integrates dx/dt = v(x, t, y) from t = 0 to 1
-with N Euler steps. One step gives z + v(z, 0, y), the (blurry) conditional
-mean; FD-loss post-training turns that path into a good one-step generator.
+Flow matching with the linear path x_t = (1 - t) z + t x, z ~ N(0, I). The
+network predicts the clean image x_hat(x_t, t, y); the velocity of the path is
+then v = (x_hat - x_t) / (1 - t). ``sample`` integrates dx/dt = v from t = 0 to
+1 with N Euler steps, and the last step lands exactly on x_hat. One step
+returns x_hat(z, 0, y), close to the (blurry) class mean; FD-loss post-training
+turns that path into a good one-step generator.
 """
 
 from __future__ import annotations
@@ -72,13 +74,18 @@ class FlowMLP(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Predict the clean image from x_t."""
         cond = torch.nn.functional.silu(
             self.time(timestep_embedding(t, self.config.time_dim)) + self.label(labels))
         h = self.input(x.flatten(1))
         for block in self.blocks:
             h = block(h, cond)
         return self.output(self.out_norm(h)).view_as(x)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        remaining = (1.0 - t).clamp_min(1e-3).view(-1, *([1] * (x.dim() - 1)))
+        return (self.denoise(x, t, labels) - x) / remaining
 
     def guided_velocity(self, x, t, labels, guidance_scale: float) -> torch.Tensor:
         if guidance_scale == 1.0:
@@ -102,7 +109,7 @@ class FlowMLP(nn.Module):
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """Flow-matching loss on images in [-1, 1]."""
+        """Mean squared error of the clean-image prediction, images in [-1, 1]."""
         b = images.shape[0]
         noise = torch.randn(images.shape, generator=generator, device=images.device)
         t = torch.rand(b, generator=generator, device=images.device)
@@ -110,7 +117,7 @@ class FlowMLP(nn.Module):
         labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         tt = t.view(b, 1, 1, 1)
         x_t = (1 - tt) * noise + tt * images
-        return ((self.velocity(x_t, t, labels) - (images - noise)) ** 2).mean()
+        return ((self.denoise(x_t, t, labels) - images) ** 2).mean()
 
 
 def save_flow(path: str | Path, model: FlowMLP, extra: dict[str, Any] | None = None) -> None:
