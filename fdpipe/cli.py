@@ -43,11 +43,45 @@ def _spec(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"--spec is not valid JSON: {err}") from err
 
 
+# Families that check ``weights_sha256`` themselves (it may name a hub download).
+_CHECKSUM_FAMILIES = ("inception", "timm")
+
+
 def _space_from_spec(name: str, spec: dict[str, Any]):
     from fdpipe.spaces import SpaceSpec, build_space
+    from fdpipe.spaces.weights import check_weights_file
 
-    return build_space(SpaceSpec(name=name, family=spec["family"],
-                                 options=spec.get("options", {}), weights=spec.get("weights")))
+    options = dict(spec.get("options", {}))
+    sha256 = spec.get("weights_sha256")
+    if sha256 and spec["family"] in _CHECKSUM_FAMILIES:
+        options["weights_sha256"] = sha256
+    elif sha256:
+        if not spec.get("weights"):
+            raise ValueError(f"spaces.{name}.weights_sha256 is set but spaces.{name}.weights "
+                             f"is not; name the file to check")
+        check_weights_file(name, spec["weights"], sha256)
+    return build_space(SpaceSpec(name=name, family=spec["family"], options=options,
+                                 weights=spec.get("weights")))
+
+
+def _config_spaces(args) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The validated config (or {}) and the JSON specs of the requested spaces."""
+    from fdpipe.config import load_config, space_weights_path
+
+    if args.spec is not None:
+        specs = args.spec
+        config: dict[str, Any] = {}
+    elif args.configfile:
+        config = load_config(args.configfile)
+        specs = {n: {**s, "weights": space_weights_path(n, s)}
+                 for n, s in config["spaces"].items()}
+    else:
+        raise ValueError("name the spaces' settings with --configfile CONFIG or --spec JSON")
+    names = args.spaces or list(specs)
+    missing = [n for n in names if n not in specs]
+    if missing:
+        raise KeyError(f"space(s) {missing} are not configured (have {sorted(specs)})")
+    return config, {n: specs[n] for n in names}
 
 
 def cmd_fetch_data(args) -> None:
@@ -61,11 +95,31 @@ def cmd_prepare(args) -> None:
     from fdpipe.data import fashion_mnist
     from fdpipe.data.images import prepare_split
 
+    if args.dataset in ("imagefolder", "npz"):
+        _prepare_manifest(args)
+        return
     root = args.root
     if root == "auto":
         root = fashion_mnist.fetch()
     prepare_split(dataset=args.dataset, root=root, split=args.split, resolution=args.resolution,
                   out=args.out, subset=args.subset, seed=args.seed)
+
+
+def _prepare_manifest(args) -> None:
+    from fdpipe.data.folder import write_manifest, write_npz_manifest
+
+    if args.root == "auto":
+        raise ValueError(f"data.root (or data_root) must name the {args.dataset} data; 'auto' "
+                         f"only locates Fashion-MNIST")
+    source = Path(args.root) / (args.source or args.split)
+    if args.subset:
+        raise ValueError(f"--subset is not supported for {args.dataset} data; set "
+                         f"data.{args.split}_subset to null")
+    if args.dataset == "npz":
+        write_npz_manifest(source, args.out)
+    else:
+        write_manifest(source, args.out, resolution=args.resolution,
+                       skip_bad=args.skip_bad_images)
 
 
 def cmd_train_encoder(args) -> None:
@@ -94,13 +148,41 @@ def cmd_extract(args) -> None:
 
     space = _space_from_spec(args.space, args.spec)
     extract_file(space, args.images, args.out, batch_size=args.batch_size,
-                 device=_device(args.device))
+                 device=_device(args.device), skip_bad=args.skip_bad_images,
+                 resolution=args.resolution)
+
+
+def _image_set(args):
+    from fdpipe.data.imageset import open_image_set
+
+    return open_image_set(args.images, resolution=args.resolution, skip_bad=args.skip_bad_images)
 
 
 def cmd_stats(args) -> None:
     from fdpipe.evaluate import write_stats
 
-    write_stats(args.features, args.out)
+    if args.features:
+        if args.images or not args.out:
+            raise ValueError("use either --features F --out O, or --images SRC --out-dir D")
+        write_stats(args.features, args.out)
+        return
+    if not args.images or not args.out_dir:
+        raise ValueError("give --images (a folder, .npz, .h5 or manifest) and --out-dir, or "
+                         "--features and --out")
+    from fdpipe.features import stats_of_image_set
+
+    _, specs = _config_spaces(args)
+    spaces = {name: _space_from_spec(name, spec) for name, spec in specs.items()}
+    image_set = _image_set(args)
+    stats, _ = stats_of_image_set(spaces, image_set, batch_size=args.batch_size,
+                                  device=_device(args.device), bf16=args.bf16)
+    out_dir = Path(args.out_dir)
+    for name, stat in stats.items():
+        stat.save(out_dir / f"{name}.npz")
+        log.info("wrote statistics of %d %d-d %s features to %s", stat.n, stat.dim, name,
+                 out_dir / f"{name}.npz")
+    if image_set.bad is not None:
+        image_set.bad.write_report(out_dir / "stats")
 
 
 def cmd_valfd(args) -> None:
@@ -137,7 +219,7 @@ def _generator_source(args) -> dict[str, Any]:
 def cmd_finetune(args) -> None:
     from fdpipe.generators import load_generator
     from fdpipe.stats import GaussianStats
-    from fdpipe.train import FinetuneConfig, finetune
+    from fdpipe.train import PREEMPTED_EXIT_CODE, FinetuneConfig, Preempted, finetune
 
     spec = args.spec
     run = spec["run"]
@@ -150,7 +232,11 @@ def cmd_finetune(args) -> None:
                                         expect_space=name)
     cfg = FinetuneConfig.from_dict({**run, "seed": args.seed,
                                     "guidance_scale": spec.get("guidance_scale", 1.0)})
-    finetune(generator, spaces, refs, cfg, args.out_dir, source, device=_device(args.device))
+    try:
+        finetune(generator, spaces, refs, cfg, args.out_dir, source, device=_device(args.device))
+    except Preempted as err:
+        log.warning("%s", err)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
 
 
 def cmd_sample(args) -> None:
@@ -171,7 +257,42 @@ def cmd_sample(args) -> None:
 def cmd_evaluate(args) -> None:
     from fdpipe.evaluate import evaluate_variant, write_json
 
-    write_json(args.out, evaluate_variant(args.features, args.stats, args.valfd, args.space))
+    if args.images:
+        from fdpipe.evaluate_images import evaluate_images
+
+        config, specs = _config_spaces(args)
+        spaces = {name: _space_from_spec(name, spec) for name, spec in specs.items()}
+        args.device_obj = _device(args.device)
+        evaluate_images(args, spaces, config)
+        return
+    missing = [flag for flag, value in (("--space", args.space), ("--features", args.features),
+                                        ("--stats", args.stats), ("--valfd", args.valfd),
+                                        ("--out", args.out)) if not value]
+    if missing:
+        raise ValueError(f"evaluating a feature file needs {', '.join(missing)}; to evaluate "
+                         f"a folder or .npz of samples pass --images instead")
+    write_json(args.out, evaluate_variant(args.features, args.stats[0], args.valfd, args.space))
+
+
+def cmd_export_npz(args) -> None:
+    from fdpipe.data.npz import NpzImageWriter
+
+    image_set = _image_set(args)
+    writer = None
+    for images, _ in image_set.batches(args.batch_size):
+        if images.shape[1] == 1:
+            images = images.repeat(3, axis=1)
+        if writer is None:
+            writer = NpzImageWriter(args.out, image_set.count, images.shape[2], images.shape[3])
+        writer.write(images)
+    if writer is None:
+        raise ValueError(f"{args.images}: no images to export")
+    if image_set.bad is not None and image_set.bad.files:
+        raise ValueError(f"{args.images}: {len(image_set.bad.files)} bad image(s) were skipped, "
+                         f"so the export would hold fewer than {image_set.count} images; "
+                         f"remove them from the folder and export again")
+    writer.close()
+    log.info("wrote %d images to %s", writer.written, args.out)
 
 
 def cmd_aggregate(args) -> None:
@@ -187,6 +308,34 @@ def cmd_check_config(args) -> None:
 
     config = load_config(args.configfile)
     print(json.dumps(config, indent=2) if args.show else f"{args.configfile}: valid")
+
+
+IMAGES_HELP = ("image source: an image folder (ImageFolder or flat), an ADM .npz (arr_0), "
+               "an fdpipe image file (.h5) or a manifest (.json)")
+
+
+def _add_skip_bad(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip files that do not decode; they are counted, logged and listed "
+                        "in <output>.bad_images.json (default: stop at the first one)")
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resolution", type=int, default=None,
+                   help="ADM centre-crop size for folders, in pixels (default: the manifest's, "
+                        "or the short side of the first image)")
+    _add_skip_bad(p)
+
+
+def _add_space_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configfile", default=None, help="config whose spaces to use")
+    p.add_argument("--spec", type=_spec, default=None,
+                   help="JSON object {space: {family, options, weights}} instead of a config")
+    p.add_argument("--spaces", nargs="+", default=None, help="spaces to use (default: all)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (changes numbers)")
+    _add_image_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,14 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fetch-data", cmd_fetch_data, "Make Fashion-MNIST available; print its folder.", False)
     p.add_argument("--root", default="auto", help="target folder, or 'auto' (default)")
 
-    p = add("prepare", cmd_prepare, "Write a dataset split as an fdpipe image file.", False)
-    p.add_argument("--dataset", default="fashion-mnist")
+    p = add("prepare", cmd_prepare, "Write a dataset split as an fdpipe image file "
+            "(fashion-mnist) or a checked manifest (imagefolder, npz).", False)
+    p.add_argument("--dataset", default="fashion-mnist",
+                   choices=["fashion-mnist", "imagefolder", "npz"])
     p.add_argument("--root", default="auto", help="dataset folder, or 'auto' to locate/fetch it")
     p.add_argument("--split", required=True, choices=["train", "test"])
+    p.add_argument("--source", default=None,
+                   help="split folder or .npz relative to --root (default: the split name)")
     p.add_argument("--resolution", type=int, default=32, help="output size in pixels")
     p.add_argument("--subset", type=int, default=None, help="class-balanced subset size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output .h5 file")
+    _add_skip_bad(p)
+    p.add_argument("--out", required=True, help="output .h5 file or manifest .json")
 
     p = add("train-encoder", cmd_train_encoder, "Train a demo representation space.")
     p.add_argument("--space", required=True, help="space name (for logs)")
@@ -225,14 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("extract", cmd_extract, "Extract features of an image file in one space.")
     p.add_argument("--space", required=True)
     p.add_argument("--spec", type=_spec, required=True, help="space config as JSON")
-    p.add_argument("--images", required=True, help="image file (.h5)")
+    p.add_argument("--images", required=True, help=IMAGES_HELP)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_image_options(p)
     p.add_argument("--out", required=True, help="output feature file (.h5)")
 
-    p = add("stats", cmd_stats, "Compute float64 mean and covariance of a feature file.", False)
-    p.add_argument("--features", required=True)
-    p.add_argument("--out", required=True, help="output statistics (.npz)")
+    p = add("stats", cmd_stats, "Compute float64 mean and covariance of a feature file, or of "
+            "an image source in a set of spaces.")
+    p.add_argument("--features", default=None, help="feature file (.h5)")
+    p.add_argument("--out", default=None, help="output statistics (.npz) for --features")
+    p.add_argument("--images", default=None, help=IMAGES_HELP)
+    _add_space_selection(p)
+    p.add_argument("--out-dir", default=None, help="folder for <space>.npz (with --images)")
 
     p = add("valfd", cmd_valfd, "FD of validation features against train statistics.", False)
     p.add_argument("--spaces", nargs="+", required=True)
@@ -269,12 +428,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output image file (.h5)")
     p.add_argument("--grid", default=None, help="output PNG grid")
 
-    p = add("evaluate", cmd_evaluate, "FD and FDr of a feature file against statistics.", False)
-    p.add_argument("--space", required=True)
-    p.add_argument("--features", required=True)
-    p.add_argument("--stats", required=True, help="train statistics (.npz)")
-    p.add_argument("--valfd", required=True, help="validation FD JSON (FDr normalisers)")
-    p.add_argument("--out", required=True, help="output JSON")
+    p = add("evaluate", cmd_evaluate, "FD and FDr of a feature file against statistics, or "
+            "FD, FDr and FDr^k of a folder or .npz of samples.")
+    p.add_argument("--space", default=None, help="space of --features")
+    p.add_argument("--features", default=None, help="feature file (.h5)")
+    p.add_argument("--stats", nargs="+", default=None,
+                   help="train statistics: one .npz with --features; with --images one "
+                        "SPACE=FILE per space, or use --stats-dir")
+    p.add_argument("--valfd", default=None, help="validation FD JSON (FDr normalisers)")
+    p.add_argument("--out", default=None, help="output JSON")
+    p.add_argument("--images", default=None, help="samples: " + IMAGES_HELP)
+    p.add_argument("--stats-dir", default=None, help="folder with <space>.npz statistics")
+    p.add_argument("--normalisers", default=None, choices=["computed", "published"],
+                   help="FDr normalisers: computed (--valfd) or published (config table); "
+                        "default: the config's evaluation.normalisers")
+    p.add_argument("--normaliser", nargs="+", default=[], metavar="SPACE=FD",
+                   help="explicit FDr normalisers, overriding the others")
+    _add_space_selection(p)
+
+    p = add("export-npz", cmd_export_npz, "Write images as an ADM-style .npz (arr_0, "
+            "uint8 N x H x W x 3).", False)
+    p.add_argument("--images", required=True, help=IMAGES_HELP)
+    p.add_argument("--batch-size", type=int, default=500)
+    _add_image_options(p)
+    p.add_argument("--out", required=True, help="output .npz")
 
     p = add("aggregate", cmd_aggregate, "Write the FDr^k table and figure.", False)
     p.add_argument("--spec", type=_spec, required=True,
@@ -298,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (FileNotFoundError, KeyError, ValueError, TypeError, ImportError, RuntimeError) as err:
         log.error("%s failed: %s", args.command, err)
-        if args.log_level.lower() == "debug":
-            raise
+        log.debug("traceback of the failure", exc_info=True)
         return 1
     return 0
 

@@ -55,7 +55,7 @@ class ResidualBlock(nn.Module):
 
 
 class FlowMLP(nn.Module):
-    """Velocity network v(x, t, y) with an Euler sampler."""
+    """Clean-image predictor x_hat(x_t, t, y) with an Euler sampler."""
 
     def __init__(self, config: FlowConfig):
         super().__init__()

@@ -174,16 +174,14 @@ def load_trained(spec: SpaceSpec) -> nn.Module:
     return network
 
 
-def _trained_builder(dim_of: str):
-    def build(spec: SpaceSpec) -> FeatureSpace:
-        network = load_trained(spec)
-        dim = int(spec.options.get("dim", 128))
-        return FeatureSpace(spec, network, dim, has_logits=spec.family == "classifier")
-    return build
+def _build_trained(spec: SpaceSpec) -> FeatureSpace:
+    network = load_trained(spec)
+    dim = int(spec.options.get("dim", 128))
+    return FeatureSpace(spec, network, dim, has_logits=spec.family == "classifier")
 
 
 for _family in TRAINED_FAMILIES:
-    register_family(_family)(_trained_builder(_family))
+    register_family(_family)(_build_trained)
 
 
 @register_family("pixels")
