@@ -116,6 +116,25 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"{key} not found in /proc/self/status")
 
 
+def torch_peak_bytes(fn: Callable[[], object]) -> int:
+    """Return the peak of live torch CPU tensor bytes allocated during ``fn()``.
+
+    Uses torch.profiler memory events; allocations inside LAPACK or numpy are
+    not seen, so this complements the RSS numbers.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name == "[memory]"]
+    events.sort(key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
 def measure_in_subprocess(script: Path, args: list[str]) -> dict:
     """Run ``script --memory-only ... args`` in a fresh process; return its JSON line."""
     out = subprocess.run(

@@ -186,10 +186,12 @@ def test_error_nan_mean():
         frechet_distance(mu1=mu, sigma1=s, mu2=np.zeros(5), sigma2=s)
 
 
-def test_error_inf_covariance():
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("position", [(1, 1), (0, 4), (4, 0)])
+def test_error_non_finite_covariance(value, position):
     mu, s = _good()
     bad = s.copy()
-    bad[1, 1] = np.inf
+    bad[position] = value
     with pytest.raises(StatisticsError, match="second statistics: covariance contains NaN or Inf"):
         frechet_distance(mu1=mu, sigma1=s, mu2=mu, sigma2=bad)
 
