@@ -92,7 +92,45 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
         lines = "\n  ".join(_describe(e, schema) for e in errors)
         raise ConfigError(f"invalid configuration in {source}:\n  {lines}")
     _check_cross_references(config, source)
+    _apply_data_root(config)
+    _check_image_data(config, source)
     return config
+
+
+def _apply_data_root(config: dict[str, Any]) -> None:
+    """Let the top-level data_root override data.root (for `--config data_root=...`)."""
+    if config.get("data_root"):
+        config["data"]["root"] = str(config["data_root"])
+
+
+def _check_image_data(config: dict[str, Any], source: str) -> None:
+    """Checks for the imagefolder/npz data path and the FDr normaliser switch."""
+    dataset = config["data"]["dataset"]
+    if dataset != "fashion-mnist":
+        if config["data"]["root"] == "auto":
+            raise ConfigError(f"{source}: data.dataset = {dataset!r} needs data.root (or "
+                              f"data_root) set to the folder that holds the data; 'auto' only "
+                              f"locates Fashion-MNIST")
+        if not config["generator"]["checkpoint"]:
+            raise ConfigError(f"{source}: data.dataset = {dataset!r} needs an external generator "
+                              f"(generator.checkpoint); the built-in flow model trains only on "
+                              f"fashion-mnist image files")
+        subsets = [f"data.{k}" for k in ("train_subset", "test_subset") if config["data"][k]]
+        if subsets:
+            raise ConfigError(f"{source}: {', '.join(subsets)} must be null for data.dataset = "
+                              f"{dataset!r}; pick the images by pointing data.splits at them")
+        trained = [n for n, s in config["spaces"].items()
+                   if s["family"] in DEMO_TRAINED and not s.get("weights")]
+        if trained:
+            raise ConfigError(f"{source}: spaces {trained} would be trained by the pipeline, "
+                              f"which needs fashion-mnist data; set spaces.<name>.weights or "
+                              f"use inception/timm spaces with data.dataset = {dataset!r}")
+    evaluation = config["evaluation"]
+    if evaluation["normalisers"] == "published":
+        missing = [n for n in evaluation["spaces"] if n not in evaluation["published_normalisers"]]
+        if missing:
+            raise ConfigError(f"{source}: evaluation.normalisers is 'published' but "
+                              f"evaluation.published_normalisers has no value for {missing}")
 
 
 def _merge_run_defaults(config: dict[str, Any]) -> None:
