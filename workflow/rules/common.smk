@@ -26,6 +26,12 @@ BASE_VARIANTS = [f"base-{n}step" for n in BASE_STEPS]
 VARIANTS = BASE_VARIANTS + list(RUNS)
 TRAINED_SPACES = [s for s, v in SPACES.items() if v["family"] in ("classifier", "mae", "simclr")
                   and not v.get("weights")]
+# fashion-mnist is written to .h5 image files; image folders and ADM .npz
+# batches get a checked manifest (file list and labels) instead of a pixel copy.
+DATASET = CFG["data"]["dataset"]
+REAL_IMAGES = ("results/data/{split}.h5" if DATASET == "fashion-mnist"
+               else "results/data/{split}.manifest.json")
+SKIP_BAD_IMAGES = "--skip-bad-images" if CFG["data"]["skip_bad_images"] else ""
 EXTERNAL_BASE = CFG["generator"]["checkpoint"]
 BASE_CHECKPOINT = EXTERNAL_BASE or "results/generators/base.pt"
 

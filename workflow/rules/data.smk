@@ -1,14 +1,17 @@
-# Real images: one fdpipe image file per dataset split.
+# Real images: an fdpipe image file (fashion-mnist) or a checked manifest
+# (imagefolder, npz) per dataset split.
 
 
 rule prepare_data:
     output:
-        "results/data/{split}.h5",
+        REAL_IMAGES,
     params:
         root=CFG["data"]["root"],
-        dataset=CFG["data"]["dataset"],
+        dataset=DATASET,
+        source=lambda w: CFG["data"]["splits"][w.split],
         resolution=CFG["data"]["resolution"],
         subset=lambda w: CFG["data"][f"{w.split}_subset"] or 0,
+        skip_bad=SKIP_BAD_IMAGES,
     log:
         log_path("prepare_data", "{split}"),
     benchmark:
@@ -19,5 +22,5 @@ rule prepare_data:
         runtime=res("prepare_data", "runtime"),
     shell:
         "{FDPIPE} prepare --dataset {params.dataset} --root {params.root:q} --split {wildcards.split}"
-        " --resolution {params.resolution} --subset {params.subset} --seed {SEED}"
-        " --out {output} > {log} 2>&1"
+        " --source {params.source:q} --resolution {params.resolution} --subset {params.subset}"
+        " --seed {SEED} {params.skip_bad} --out {output} > {log} 2>&1"

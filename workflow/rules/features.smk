@@ -3,7 +3,7 @@
 
 rule extract_real:
     input:
-        images="results/data/{split}.h5",
+        images=REAL_IMAGES,
         weights=lambda w: space_weights(w.space),
     output:
         "results/features/real/{split}/{space}.h5",
@@ -22,7 +22,7 @@ rule extract_real:
     shell:
         "{FDPIPE} extract --space {wildcards.space} --spec {params.spec} --images {input.images}"
         " --batch-size {params.batch_size} --device {DEVICE} --threads {threads}"
-        " --out {output} > {log} 2>&1"
+        " {SKIP_BAD_IMAGES} --out {output} > {log} 2>&1"
 
 
 rule extract_generated:
