@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from fdpipe.data import npz
-from fdpipe.data.decode import BadImages, ConversionNotes, open_rgb
+from fdpipe.data.decode import BadImageError, BadImages, check_header
 from fdpipe.data.folder import FolderImages, read_manifest, scan_folder
 
 log = logging.getLogger(__name__)
@@ -81,15 +81,14 @@ def _folder_set(path: Path, root: Path, files: list[str], labels: np.ndarray,
 
 
 def _first_short_side(root: Path, files: list[str], skip_bad: bool) -> int:
+    # Headers only, so that the conversion notes are logged once, during extraction.
     bad = BadImages(skip_bad)
     for name in files:
         try:
-            image = open_rgb(root / name, ConversionNotes())
-        except ValueError as err:
+            return min(check_header(root / name))
+        except BadImageError as err:
             bad.handle(root / name, str(err).split(": ", 1)[-1])
-            continue
-        return min(image.size)
-    raise ValueError(f"{root}: no decodable image found")
+    raise ValueError(f"{root}: no image with a readable header found")
 
 
 def open_image_set(path: str | Path, *, resolution: int | None = None, skip_bad: bool = False,

@@ -38,23 +38,32 @@ POOLINGS = ("cls", "avg")
 
 def create_model(name: str, weights_file: str | None, model_kwargs: dict[str, Any],
                  input_size: int | None) -> nn.Module:
-    """Create a timm model without a classifier, loading weights from a file when given.
+    """Create a timm model, load weights from a file when given, drop the classifier.
 
-    When ``input_size`` is set, it is passed as ``img_size`` to models that take
-    one (ViTs resample their position embedding on load) and ignored by the rest.
+    The model is built with its pretrained number of classes so that timm
+    loads the file strictly (with another class count timm drops the
+    classifier and loads non-strictly, leaving missing layers random); the
+    classifier is removed afterwards. When ``input_size`` is set, it is passed
+    as ``img_size`` to models that take one (ViTs resample their position
+    embedding on load) and ignored by the rest.
     """
     import timm
 
-    kwargs = {"num_classes": 0, **model_kwargs}
+    kwargs = {key: value for key, value in model_kwargs.items() if key != "num_classes"}
     if weights_file:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights_file)})
-    if input_size is not None and "img_size" not in model_kwargs:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights_file)},
+                      pretrained_strict=True)
+    model = None
+    if input_size is not None and "img_size" not in kwargs:
         try:
-            return timm.create_model(name, img_size=input_size, **kwargs)
+            model = timm.create_model(name, img_size=input_size, **kwargs)
         except TypeError as err:
             if "img_size" not in str(err):
                 raise
-    return timm.create_model(name, **kwargs)
+    if model is None:
+        model = timm.create_model(name, **kwargs)
+    model.reset_classifier(0)
+    return model.eval()
 
 
 class TimmFeatures(nn.Module):
