@@ -303,6 +303,21 @@ def cmd_aggregate(args) -> None:
               variants=spec.get("variants"))
 
 
+def cmd_experiment_table(args) -> None:
+    from fdpipe.report import experiment_table
+
+    spec = args.spec
+    experiment_table(spec["name"], spec["varied"], spec["rows"], spec["fixed"], args.evals,
+                     spec["spaces"], spec["fdrk_spaces"], args.csv, args.md, args.figure,
+                     costs=spec.get("costs"))
+
+
+def cmd_rank_agreement(args) -> None:
+    from fdpipe.report import rank_agreement
+
+    rank_agreement(args.evals, args.spec["spaces"], args.spec["fdrk_spaces"], args.csv, args.md)
+
+
 def cmd_check_config(args) -> None:
     from fdpipe.config import load_config
 
@@ -460,6 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)
     p.add_argument("--figure", default=None)
+
+    p = add("experiment-table", cmd_experiment_table, "Write the table of an experiment set.",
+            False)
+    p.add_argument("--spec", type=_spec, required=True,
+                   help="JSON with name, varied, rows, fixed, spaces, fdrk_spaces, costs")
+    p.add_argument("--evals", nargs="+", required=True)
+    p.add_argument("--csv", required=True)
+    p.add_argument("--md", required=True)
+    p.add_argument("--figure", default=None)
+
+    p = add("rank-agreement", cmd_rank_agreement,
+            "Kendall tau between the run rankings of each pair of spaces.", False)
+    p.add_argument("--spec", type=_spec, required=True, help="JSON with spaces, fdrk_spaces")
+    p.add_argument("--evals", nargs="+", required=True)
+    p.add_argument("--csv", required=True)
+    p.add_argument("--md", required=True)
 
     p = add("check-config", cmd_check_config, "Validate a config file.", False)
     p.add_argument("configfile")

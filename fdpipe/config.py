@@ -94,6 +94,7 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     _check_cross_references(config, source)
     _apply_data_root(config)
     _check_image_data(config, source)
+    _check_experiments(config, source)
     return config
 
 
@@ -145,6 +146,12 @@ def _merge_run_defaults(config: dict[str, Any]) -> None:
     for name, run in runs.items():
         if isinstance(run, dict):
             runs[name] = {**copy.deepcopy(defaults), **run}
+    experiments = config.get("experiments")
+    if isinstance(experiments, dict):
+        for spec in experiments.values():
+            if isinstance(spec, dict) and isinstance(spec.get("settings", {}), dict):
+                if "settings" in spec or "spaces" in spec or "sets" in spec:
+                    spec["settings"] = {**copy.deepcopy(defaults), **spec.get("settings", {})}
 
 
 def _check_cross_references(config: dict[str, Any], source: str) -> None:
@@ -188,6 +195,45 @@ def _check_cross_references(config: dict[str, Any], source: str) -> None:
         if bad:
             raise ConfigError(f"{source}: finetune.runs.{run_name}.weights names {bad}, which "
                               f"are not in its spaces {run['spaces']}")
+
+
+def run_defaults() -> dict[str, Any]:
+    """Schema defaults of one FD-loss run."""
+    settings = load_schema()["$defs"]["finetune_settings"]["properties"]
+    return {k: copy.deepcopy(v["default"]) for k, v in settings.items() if "default" in v}
+
+
+def _check_experiments(config: dict[str, Any], source: str) -> None:
+    from fdpipe.experiments import expand_experiments
+
+    spaces = config["spaces"]
+    experiments = config["experiments"]
+    for set_name in ("queue_size", "ema_beta"):
+        for name in (experiments.get(set_name) or {}).get("spaces", []):
+            if name not in spaces:
+                raise ConfigError(f"{source}: experiments.{set_name}.spaces names {name!r}, "
+                                  f"which is not under spaces (have {', '.join(spaces)})")
+    for combination in (experiments.get("spaces") or {}).get("sets", []):
+        for name in combination:
+            if name not in spaces:
+                raise ConfigError(f"{source}: experiments.spaces.sets names {name!r}, which is "
+                                  f"not under spaces (have {', '.join(spaces)})")
+    for run in (experiments.get("repurpose") or {}).get("runs", []):
+        if run not in config["finetune"]["runs"]:
+            raise ConfigError(f"{source}: experiments.repurpose.runs names {run!r}, which is "
+                              f"not under finetune.runs (have "
+                              f"{', '.join(config['finetune']['runs'])})")
+    batch = (experiments.get("queue_size") or {}).get("settings", {}).get(
+        "batch_size", config["finetune"]["defaults"].get("batch_size", 256))
+    for size in (experiments.get("queue_size") or {}).get("values", []):
+        if 0 < size < batch:
+            raise ConfigError(f"{source}: experiments.queue_size.values has {size}, smaller "
+                              f"than the batch size {batch}; use 0 or at least {batch}")
+    for experiment in expand_experiments(config, run_defaults()).values():
+        for run in experiment.runs:
+            if run in config["finetune"]["runs"]:
+                raise ConfigError(f"{source}: experiment run name {run!r} is also under "
+                                  f"finetune.runs; rename that run")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -107,3 +107,17 @@ def test_smoke_end_to_end(tmp_path, smoke_config):
     # Nothing is left to do: a second invocation plans no job.
     again = snakemake(tmp_path, "-n", "--configfile", str(smoke_config))
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("target, runs", [
+    ("results/tables/queue_size.md", 5),
+    ("results/tables/ema_beta.md", 4),
+    ("results/tables/rank_agreement.md", 6),
+    ("results/tables/repurpose.md", 2),
+])
+def test_experiment_target_plans(tmp_path, target, runs):
+    result = snakemake(tmp_path, target, "-n", "--configfile", str(REPO / "config/config.yaml"))
+    jobs = planned_jobs(result.stdout)
+    assert jobs["finetune"] == runs
+    rule = "rank_agreement" if "rank_agreement" in target else "experiment_table"
+    assert jobs[rule] == 1

@@ -7,7 +7,8 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from fdpipe.config import ConfigError, space_weights_path, validate_config
+from fdpipe.config import ConfigError, run_defaults, space_weights_path, validate_config
+from fdpipe.experiments import expand_experiments
 
 try:
     CFG = validate_config(config, source="the Snakemake config")
@@ -24,6 +25,10 @@ RUNS = CFG["finetune"]["runs"]
 BASE_STEPS = CFG["generator"]["base_steps"]
 BASE_VARIANTS = [f"base-{n}step" for n in BASE_STEPS]
 VARIANTS = BASE_VARIANTS + list(RUNS)
+# Experiment sets add runs and base variants that only their tables ask for.
+EXPERIMENTS = expand_experiments(CFG, run_defaults())
+ALL_RUNS = {**RUNS, **{r: s for e in EXPERIMENTS.values() for r, s in e.runs.items()}}
+ALL_VARIANTS = sorted(set(VARIANTS) | {v for e in EXPERIMENTS.values() for v in e.variants})
 TRAINED_SPACES = [s for s, v in SPACES.items() if v["family"] in ("classifier", "mae", "simclr")
                   and not v.get("weights")]
 # fashion-mnist is written to .h5 image files; image folders and ADM .npz
@@ -36,10 +41,10 @@ EXTERNAL_BASE = CFG["generator"]["checkpoint"]
 BASE_CHECKPOINT = EXTERNAL_BASE or "results/generators/base.pt"
 
 for _run in RUNS:
-    if _run.startswith("base-") or not _run.replace("-", "").replace("_", "").isalnum():
+    if _run.startswith("base-") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", _run):
         raise WorkflowError(
-            f"finetune.runs.{_run}: run names use letters, digits, '-' and '_' and must not "
-            f"start with 'base-'"
+            f"finetune.runs.{_run}: run names use letters, digits, '-', '_', '.' and '+' and "
+            f"must not start with 'base-'"
         )
 
 
@@ -51,8 +56,9 @@ wildcard_constraints:
     split="train|test",
     space=_alternatives(SPACES),
     trained_space=_alternatives(TRAINED_SPACES),
-    run=_alternatives(RUNS),
-    variant=_alternatives(VARIANTS),
+    run=_alternatives(ALL_RUNS),
+    variant=_alternatives(ALL_VARIANTS),
+    experiment=_alternatives(EXPERIMENTS),
     steps=r"\d+",
 
 
@@ -73,6 +79,8 @@ DEFAULT_RESOURCES = {
     "sample_run": {"threads": 1, "mem_mb": 4000, "runtime": 60},
     "evaluate": {"threads": 1, "mem_mb": 2000, "runtime": 10},
     "aggregate": {"threads": 1, "mem_mb": 1000, "runtime": 10},
+    "experiment_table": {"threads": 1, "mem_mb": 1000, "runtime": 10},
+    "rank_agreement": {"threads": 1, "mem_mb": 1000, "runtime": 10},
 }
 
 

@@ -3,8 +3,8 @@
 
 def finetune_spec(run):
     return spec_arg({
-        "run": RUNS[run],
-        "spaces": {s: space_spec(s) for s in RUNS[run]["spaces"]},
+        "run": ALL_RUNS[run],
+        "spaces": {s: space_spec(s) for s in ALL_RUNS[run]["spaces"]},
         "generator": {k: CFG["generator"][k] for k in ("factory", "checkpoint", "options")},
         "guidance_scale": CFG["generator"]["guidance_scale"],
     })
@@ -13,14 +13,14 @@ def finetune_spec(run):
 rule finetune:
     input:
         base=BASE_CHECKPOINT,
-        stats=lambda w: expand("results/stats/train/{space}.npz", space=RUNS[w.run]["spaces"]),
-        weights=lambda w: [p for s in RUNS[w.run]["spaces"] for p in space_weights(s)],
+        stats=lambda w: expand("results/stats/train/{space}.npz", space=ALL_RUNS[w.run]["spaces"]),
+        weights=lambda w: [p for s in ALL_RUNS[w.run]["spaces"] for p in space_weights(s)],
     output:
         checkpoint="results/runs/{run}/generator.pt",
         metrics="results/runs/{run}/metrics.jsonl",
     params:
         spec=lambda w: finetune_spec(w.run),
-        spaces=lambda w: " ".join(RUNS[w.run]["spaces"]),
+        spaces=lambda w: " ".join(ALL_RUNS[w.run]["spaces"]),
         out_dir="results/runs/{run}",
     log:
         log_path("finetune", "{run}"),

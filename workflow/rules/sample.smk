@@ -41,7 +41,7 @@ rule sample_run:
         num_samples=CFG["evaluation"]["num_samples"],
         batch_size=CFG["evaluation"]["batch_size"],
         guidance=CFG["generator"]["guidance_scale"],
-        steps=lambda w: RUNS[w.run]["sample_steps"],
+        steps=lambda w: ALL_RUNS[w.run]["sample_steps"],
     log:
         log_path("sample_run", "{run}"),
     benchmark:

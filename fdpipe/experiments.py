@@ -1,0 +1,105 @@
+"""Experiment sets: controlled variations of FD-loss runs, each with one table.
+
+- ``queue_size``: queue statistics of several sizes (0 = batch statistics only);
+- ``ema_beta``: EMA statistics with several decays;
+- ``spaces``: training on single spaces and combinations, evaluated in all;
+- ``repurpose``: the multi-step base model at several step counts against
+  one-step FD-loss runs, with the sampling cost per image.
+
+Each set expands into named runs that share the ``finetune`` rule with the
+main runs; the set's table lists what was varied and what was held fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+EXPERIMENT_SETS = ("queue_size", "ema_beta", "spaces", "repurpose")
+
+
+@dataclass(frozen=True)
+class ExperimentSet:
+    """Runs and base variants of one set, with the varied setting per row."""
+
+    name: str
+    varied: str
+    rows: dict[str, Any]                      # variant -> value of the varied setting
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.rows)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _run_settings(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    base = copy.deepcopy(config["finetune"].get("defaults", {}))
+    base.update(copy.deepcopy(spec.get("settings", {})))
+    return base
+
+
+def expand_experiments(config: dict[str, Any], run_defaults: dict[str, Any]
+                       ) -> dict[str, ExperimentSet]:
+    """Expand ``config['experiments']`` into experiment sets with fully specified runs.
+
+    ``run_defaults`` holds the schema defaults of one run; settings given in
+    the set override ``finetune.defaults``, which override ``run_defaults``.
+    """
+    sets: dict[str, ExperimentSet] = {}
+    experiments = config.get("experiments", {})
+
+    def complete(settings: dict[str, Any]) -> dict[str, Any]:
+        return {**copy.deepcopy(run_defaults), **settings}
+
+    spec = experiments.get("queue_size")
+    if spec:
+        settings = _run_settings(config, spec)
+        runs, rows = {}, {}
+        for size in spec["values"]:
+            name = f"queue-{size}"
+            fill = max(settings.get("fill_samples", run_defaults["fill_samples"]), size)
+            runs[name] = complete({**settings, "spaces": spec["spaces"], "method": "queue",
+                                   "queue_size": size, "fill_samples": fill})
+            rows[name] = size
+        sets["queue_size"] = ExperimentSet("queue_size", "queue size", rows, runs,
+                                           {"spaces": spec["spaces"], **settings})
+
+    spec = experiments.get("ema_beta")
+    if spec:
+        settings = _run_settings(config, spec)
+        runs, rows = {}, {}
+        for beta in spec["values"]:
+            name = f"beta-{_format_value(beta)}"
+            runs[name] = complete({**settings, "spaces": spec["spaces"], "method": "ema",
+                                   "beta": beta})
+            rows[name] = beta
+        sets["ema_beta"] = ExperimentSet("ema_beta", "EMA beta", rows, runs,
+                                         {"spaces": spec["spaces"], **settings})
+
+    spec = experiments.get("spaces")
+    if spec:
+        settings = _run_settings(config, spec)
+        runs, rows = {}, {}
+        for combination in spec["sets"]:
+            name = "spaces-" + "+".join(combination)
+            runs[name] = complete({**settings, "spaces": list(combination)})
+            rows[name] = "+".join(combination)
+        sets["spaces"] = ExperimentSet("spaces", "training spaces", rows, runs, settings)
+
+    spec = experiments.get("repurpose")
+    if spec:
+        rows = {f"base-{n}step": n for n in spec["base_steps"]}
+        for run in spec["runs"]:
+            rows[run] = "FD-loss, 1"
+        sets["repurpose"] = ExperimentSet("repurpose", "sampler", rows, {},
+                                          {"base_steps": spec["base_steps"],
+                                           "runs": spec["runs"]})
+    return sets
