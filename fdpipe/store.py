@@ -8,8 +8,11 @@ leaves a file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
+import logging
 import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,19 +22,66 @@ import numpy as np
 
 from fdpipe import __version__
 
+log = logging.getLogger(__name__)
+
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete temporary files of ``path`` left by killed processes on this host."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}.*.tmp"):
+        parts = tmp.name[len(path.name) + len(_HOST) + 3 :].split(".")
+        if parts and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d temporary file(s) of %s left by killed jobs", len(removed), path)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it into place on success."""
+    """Yield a temporary path next to ``path``; rename it into place on success.
+
+    The temporary name contains the host and process id, so concurrent
+    writers never share it; those left by killed processes are removed here.
+    A failed write deletes its temporary file and re-raises, naming the path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, f"writing {path} failed: {err.strerror or err}") from err
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def _h5_write_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise HDF5 write failures (h5py raises OSError or RuntimeError) naming ``path``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        raise OSError(f"writing {path} failed: {err}") from err
 
 
 def file_sha256(path: str | Path) -> str:
@@ -55,7 +105,7 @@ def write_images(
         raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _h5_write_errors(path):
         with h5py.File(tmp, "w") as fh:
             fh.create_dataset("images", data=images, chunks=True, compression="lzf")
             fh.create_dataset("labels", data=labels.astype(np.int64))
@@ -88,7 +138,7 @@ def write_features(
             f"refusing to write {path}: features of {bad.size} images are NaN or Inf "
             f"(first image index {bad[0]})"
         )
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _h5_write_errors(path):
         with h5py.File(tmp, "w") as fh:
             fh.create_dataset("features", data=features.astype(np.float32))
             fh.create_dataset("labels", data=labels.astype(np.int64))
