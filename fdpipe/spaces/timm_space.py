@@ -76,6 +76,8 @@ class TimmFeatures(nn.Module):
         self.pooling = pooling
         self.input_size = input_size
         self.interpolation = interpolation
+        self.mean_values = tuple(float(v) for v in mean)
+        self.std_values = tuple(float(v) for v in std)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -132,10 +134,19 @@ class TimmSpace(FeatureSpace):
         net: TimmFeatures = self.network
         return {**super().attributes(), "model": self.spec.options["model"],
                 "input_size": net.input_size, "interpolation": f"{net.interpolation}, antialias",
-                "mean": [float(v) for v in net.mean.flatten()],
-                "std": [float(v) for v in net.std.flatten()],
+                "mean": list(net.mean_values), "std": list(net.std_values),
                 "pooling": net.pooling, "crop": "none (whole image resized)",
                 "weights_file": self.spec.weights or ""}
+
+
+def wrap_model(model: nn.Module, pooling: str, input_size: int | None = None) -> TimmFeatures:
+    """Wrap a timm model with the preprocessing of its pretrained config and a pooling."""
+    from timm.data import resolve_model_data_config
+
+    data_config = resolve_model_data_config(model)
+    return TimmFeatures(model, pooling, _input_size(model, input_size, data_config),
+                        tuple(data_config["mean"]), tuple(data_config["std"]),
+                        _interpolation(data_config["interpolation"]))
 
 
 def _weights_file(spec: SpaceSpec) -> str:
@@ -162,8 +173,6 @@ def _weights_file(spec: SpaceSpec) -> str:
 
 @register_family("timm")
 def build_timm(spec: SpaceSpec) -> TimmSpace:
-    from timm.data import resolve_model_data_config
-
     _check_options(spec, KNOWN_OPTIONS)
     if not spec.options.get("model"):
         raise ValueError(f"space '{spec.name}': set spaces.{spec.name}.options.model to a timm "
@@ -179,10 +188,7 @@ def build_timm(spec: SpaceSpec) -> TimmSpace:
                          f"{spec.options.get('model_kwargs') or {}}: {err}") from err
     pooling = spec.options.get("pooling", "cls")
     _check_pooling(spec, model, pooling)
-    data_config = resolve_model_data_config(model)
-    network = TimmFeatures(model, pooling, _input_size(model, input_option, data_config),
-                           tuple(data_config["mean"]), tuple(data_config["std"]),
-                           _interpolation(data_config["interpolation"]))
+    network = wrap_model(model, pooling, input_option)
     resolved = SpaceSpec(spec.name, spec.family, dict(spec.options), weights, spec.trainable)
     head_dim = int(getattr(model, "head_hidden_size", model.num_features))
     uses_head = pooling == "cls" or not hasattr(model, "num_prefix_tokens")
