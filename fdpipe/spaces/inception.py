@@ -22,7 +22,6 @@ from fdpipe.spaces.weights import check_weights_file, url_weights
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
-NUM_LOGITS = 1008
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                "weights-inception-2015-12-05-6726825d.pth")
 KNOWN_OPTIONS = {"weights_sha256"}
@@ -67,11 +66,11 @@ def save_random_weights(path: str | Path, seed: int = 0) -> None:
     torch.random.set_rng_state(state)
     for module in network.modules():
         if isinstance(module, nn.BatchNorm2d):
-            c = module.num_features
-            module.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-            module.weight.data.copy_(0.5 + torch.rand(c, generator=generator))
-            module.bias.data.copy_(0.1 * torch.randn(c, generator=generator))
+            channels = module.num_features
+            module.running_mean.copy_(0.1 * torch.randn(channels, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
+            module.weight.data.copy_(0.5 + torch.rand(channels, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(channels, generator=generator))
     torch.save(network.state_dict(), path)
 
 
@@ -112,7 +111,7 @@ class FIDInception(nn.Module):
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool features (B, 2048) and logits (B, 1008) from one forward pass."""
         features = self.features(x)
-        # The Inception Score uses the logits without the bias, as the original TF code did.
+        # Without the bias, as torch-fidelity's 'logits_unbiased' that it uses for the Inception Score.
         return features, features @ self.net.fc.weight.T
 
 
