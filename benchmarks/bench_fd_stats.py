@@ -118,16 +118,18 @@ def run_cpu(args) -> None:
             exact = frechet_distance(mu1=mu1, sigma1=s1, mu2=mu2, sigma2=s2, sqrt_sigma2=root2)
             path = "singular values" if counter.count else "eigvalsh"
             print(f"fdpipe FD = {exact:.12g} (trace term via {path})")
-            results = {}
-            for name, fn in methods(mu1, s1, mu2, s2, root2).items():
-                repeats = args.repeats if "fdpipe" in name or "eigvalsh" in name else args.slow_repeats
-                value = float(fn())
-                timing = common.time_call(fn, repeats=repeats, warmup=0 if repeats < 3 else 1)
-                results[name] = timing
-                base = results["fdpipe (cached root)"]
-                rel = abs(value - exact) / abs(exact)
+            fns = methods(mu1, s1, mu2, s2, root2)
+            repeats = {
+                name: args.repeats if ("fdpipe" in name or "eigvalsh" in name) else args.slow_repeats
+                for name in fns
+            }
+            errors = {name: abs(float(fn()) - exact) / abs(exact) for name, fn in fns.items()}
+            results = common.time_interleaved(fns, repeats, warmup=False)
+            base = results["fdpipe (cached root)"]
+            for name, timing in results.items():
                 print(common.format_timing(name, timing, None if "fdpipe" in name else base)
-                      + f"  |FD - fdpipe| / FD = {rel:.1e}")
+                      + f"  |FD - fdpipe| / FD = {errors[name]:.1e}")
+            print(f"load average (1, 5, 15 min): {common.load_average()}")
             if args.memory:
                 print("peak extra RSS per call (fresh process each, resource: /proc VmHWM):")
                 for name in results:

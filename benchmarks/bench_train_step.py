@@ -143,17 +143,19 @@ def run(args) -> None:
         print(f"\n== {method}, d = {args.dim}, B = {args.batch}"
               + (f", queue {args.queue_size}" if method == "queue" else f", beta {args.beta}")
               + " ==")
-        timings = {}
+        steps = {}
         for impl in ("fdpipe", "straightforward"):
             start = time.perf_counter()
             loss, mixing = setup(method, impl, args.dim, args.pool, args.queue_size, args.beta, device)
-            setup_s = time.perf_counter() - start
-            step = make_step(impl, loss, mixing, args.batch, args.dim, device)
-            timings[impl] = common.time_call(step, repeats=args.repeats)
+            print(f"{impl} set-up {time.perf_counter() - start:.1f} s")
+            steps[impl] = make_step(impl, loss, mixing, args.batch, args.dim, device)
+        timings = common.time_interleaved(steps, {impl: args.repeats for impl in steps})
+        del steps, loss
+        for impl, timing in timings.items():
             print(common.format_timing(
-                f"{impl} step", timings[impl], timings["fdpipe"] if impl != "fdpipe" else None
-            ) + f"  (setup {setup_s:.1f} s)")
-            del loss
+                f"{impl} step", timing, timings["fdpipe"] if impl != "fdpipe" else None
+            ))
+        print(f"load average (1, 5, 15 min): {common.load_average()}")
         ratio = timings["fdpipe"]["median"] / timings["straightforward"]["median"]
         print(f"fdpipe / straightforward step time: {ratio:.2f}")
         if method == "queue":

@@ -88,6 +88,34 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: dict[str, int], warmup: bool = True
+) -> dict[str, dict]:
+    """Time several functions round-robin so that all see the same machine load.
+
+    Round r calls every function whose repeat count exceeds r, in order.
+    Returns median, min and max wall time in seconds per name.
+    """
+    if warmup:
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if round_index < repeats[name]:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t)}
+        for name, t in times.items()
+    }
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def format_timing(name: str, timing: dict, baseline: dict | None = None) -> str:
     text = (
         f"{name:34s} median {timing['median']:8.4f} s  "
@@ -117,20 +145,23 @@ def _status_kib(key: str) -> int:
 
 
 def torch_peak_bytes(fn: Callable[[], object]) -> int:
-    """Return the peak of live torch CPU tensor bytes allocated during ``fn()``.
+    """Return the approximate peak of live torch CPU tensor bytes allocated in ``fn()``.
 
-    Uses torch.profiler memory events; allocations inside LAPACK or numpy are
-    not seen, so this complements the RSS numbers.
+    Sums torch.profiler's per-op self memory changes in start-time order, so
+    an op's own allocations and frees count at its start. Allocations inside
+    LAPACK or numpy are not seen, so this complements the RSS numbers.
     """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.events() if e.name == "[memory]"]
-    events.sort(key=lambda e: e.time_range.start)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
     live = peak = 0
     for event in events:
-        live += event.cpu_memory_usage
+        if event.name == "[memory]":
+            live += event.cpu_memory_usage
+        else:
+            live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
 
