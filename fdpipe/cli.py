@@ -185,6 +185,28 @@ def cmd_stats(args) -> None:
         image_set.bad.write_report(out_dir / "stats")
 
 
+def cmd_extract_shard(args) -> None:
+    from fdpipe.shards import save_shard, shard_moments
+
+    space = _space_from_spec(args.space, args.spec)
+    moments, attrs = shard_moments(space, _image_set(args), args.shard, args.shards,
+                                   batch_size=args.batch_size, device=_device(args.device),
+                                   skip_bad=args.skip_bad_images)
+    save_shard(args.out, moments, attrs)
+    log.info("wrote %s moments of images %d..%d (shard %d of %d, %d vectors) to %s",
+             args.space, attrs["start"], attrs["stop"] - 1, args.shard, args.shards,
+             moments.count, args.out)
+
+
+def cmd_merge_stats(args) -> None:
+    from fdpipe.shards import merge_shard_files
+
+    stats = merge_shard_files(args.shards)
+    stats.save(args.out)
+    log.info("merged %d shard(s) into statistics of %d %d-d features: %s", len(args.shards),
+             stats.n, stats.dim, args.out)
+
+
 def cmd_valfd(args) -> None:
     from fdpipe.evaluate import validation_fds, write_json
 
@@ -217,6 +239,7 @@ def _generator_source(args) -> dict[str, Any]:
 
 
 def cmd_finetune(args) -> None:
+    from fdpipe import distributed
     from fdpipe.generators import load_generator
     from fdpipe.stats import GaussianStats
     from fdpipe.train import PREEMPTED_EXIT_CODE, FinetuneConfig, Preempted, finetune
@@ -232,11 +255,17 @@ def cmd_finetune(args) -> None:
                                         expect_space=name)
     cfg = FinetuneConfig.from_dict({**run, "seed": args.seed,
                                     "guidance_scale": spec.get("guidance_scale", 1.0)})
+    # Under torchrun every rank joins one process group; a plain run has one process.
+    dist, device = distributed.setup(_device(args.device))
+    if not dist.is_main:
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        finetune(generator, spaces, refs, cfg, args.out_dir, source, device=_device(args.device))
+        finetune(generator, spaces, refs, cfg, args.out_dir, source, device=device, dist=dist)
     except Preempted as err:
         log.warning("%s", err)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
+    finally:
+        distributed.teardown(dist)
 
 
 def cmd_sample(args) -> None:
@@ -407,6 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help=IMAGES_HELP)
     _add_space_selection(p)
     p.add_argument("--out-dir", default=None, help="folder for <space>.npz (with --images)")
+
+    p = add("extract-shard", cmd_extract_shard, "Float64 feature moments of one shard of an "
+            "image source in one space (merge them with merge-stats).")
+    p.add_argument("--space", required=True)
+    p.add_argument("--spec", type=_spec, required=True, help="space config as JSON")
+    p.add_argument("--images", required=True, help=IMAGES_HELP)
+    p.add_argument("--shard", type=int, required=True, help="shard index, 0 to --shards - 1")
+    p.add_argument("--shards", type=int, required=True, help="number of shards")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_image_options(p)
+    p.add_argument("--out", required=True, help="output shard moments (.npz)")
+
+    p = add("merge-stats", cmd_merge_stats, "Merge the shard moments of extract-shard into "
+            "statistics (.npz).", False)
+    p.add_argument("--shards", nargs="+", required=True, help="every shard file of one split")
+    p.add_argument("--out", required=True, help="output statistics (.npz)")
 
     p = add("valfd", cmd_valfd, "FD of validation features against train statistics.", False)
     p.add_argument("--spaces", nargs="+", required=True)
