@@ -63,9 +63,10 @@ wildcard_constraints:
 
 
 # Per-rule defaults: threads, memory (MB), runtime (minutes) and GPUs. Any of
-# them can be overridden under `resources.<rule>` in the config.
+# them can be overridden under `resources.<rule>` in the config, which also
+# takes the SLURM partition, GPU model and GRES (see slurm_resources).
 GPU_RULES = {"train_encoder", "extract_real", "extract_generated", "pretrain", "finetune",
-             "sample_base", "sample_run"}
+             "sample_base", "sample_run", "extract_shard"}
 DEFAULT_RESOURCES = {
     "prepare_data": {"threads": 1, "mem_mb": 2000, "runtime": 10},
     "train_encoder": {"threads": 2, "mem_mb": 4000, "runtime": 60},
@@ -81,7 +82,16 @@ DEFAULT_RESOURCES = {
     "aggregate": {"threads": 1, "mem_mb": 1000, "runtime": 10},
     "experiment_table": {"threads": 1, "mem_mb": 1000, "runtime": 10},
     "rank_agreement": {"threads": 1, "mem_mb": 1000, "runtime": 10},
+    "extract_shard": {"threads": 1, "mem_mb": 4000, "runtime": 60},
+    "merge_stats": {"threads": 1, "mem_mb": 2000, "runtime": 10},
 }
+
+_unknown_rules = sorted(set(CFG["resources"]) - set(DEFAULT_RESOURCES))
+if _unknown_rules:
+    raise WorkflowError(
+        f"resources: no rule named {_unknown_rules}; rules with resources are "
+        f"{sorted(DEFAULT_RESOURCES)}"
+    )
 
 
 def res(rule_name, key):
@@ -89,8 +99,25 @@ def res(rule_name, key):
     if value is not None:
         return value
     if key == "gpu":
-        return 1 if rule_name in GPU_RULES else 0
+        # With device: cpu no stage uses a GPU, so none is requested.
+        return 1 if rule_name in GPU_RULES and DEVICE != "cpu" else 0
     return DEFAULT_RESOURCES[rule_name][key]
+
+
+# Config keys under resources.<rule> that name SLURM settings, and the
+# resource names the SLURM executor plugin reads them from.
+SLURM_RESOURCE_KEYS = {"partition": "slurm_partition", "gpu_model": "gpu_model", "gres": "gres"}
+
+
+def slurm_resources(rule_name):
+    """SLURM-only resources of a rule set in the config, for `resources: **slurm_resources(...)`.
+
+    Unset keys are left out, so a profile's default-resources (such as a
+    default slurm_partition) still applies to them.
+    """
+    settings = CFG["resources"].get(rule_name, {})
+    return {name: settings[key] for key, name in SLURM_RESOURCE_KEYS.items()
+            if settings.get(key) is not None}
 
 
 def spec_arg(payload):
