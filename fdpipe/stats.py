@@ -161,6 +161,12 @@ class GaussianStats:
             )
         if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
             raise StatisticsError(f"{path}: mean or covariance contains NaN or Inf")
+        asymmetry = float(np.max(np.abs(sigma - sigma.T))) if sigma.size else 0.0
+        if asymmetry > 1e-8 * max(float(np.max(np.abs(sigma))), np.finfo(np.float64).tiny):
+            raise StatisticsError(
+                f"{path}: covariance 'sigma' is not symmetric (max |S - S^T| = "
+                f"{asymmetry:.3g}); the file is corrupt or not a covariance, recompute it"
+            )
         if expect_dim is not None and mu.shape[0] != expect_dim:
             raise StatisticsError(
                 f"{path}: statistics have dimension {mu.shape[0]} but the space "

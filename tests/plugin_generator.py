@@ -30,3 +30,9 @@ def build_wrong_range(checkpoint=None):
     model = TinyGenerator()
     model.sample = lambda noise, labels, steps, guidance_scale=1.0: 3.0 * noise
     return model
+
+
+def build_wrong_shape(checkpoint=None):
+    model = TinyGenerator()
+    model.sample = lambda noise, labels, steps, guidance_scale=1.0: noise[:, :, :4, :4].tanh()
+    return model
