@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 from scipy.special import log_softmax, logsumexp
 
-from fdpipe.stats import GaussianStats
-from fdpipe.store import atomic_path, read_dataset, read_features
+from fdpipe.stats import GaussianStats, Moments
+from fdpipe.store import atomic_path, read_dataset
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,34 @@ def read_json(path: str | Path) -> Any:
     return json.loads(path.read_text())
 
 
+def feature_file_moments(features_path: str | Path, chunk_rows: int = 65536
+                         ) -> tuple[Moments, dict[str, Any]]:
+    """Float64 moments of a feature file, read in chunks of ``chunk_rows`` rows."""
+    path = Path(features_path)
+    if not path.exists():
+        raise FileNotFoundError(f"feature file not found: {path}")
+    with h5py.File(path, "r") as fh:
+        if "features" not in fh:
+            raise KeyError(f"{path}: missing dataset 'features'; is this an fdpipe feature file?")
+        dataset = fh["features"]
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fh.attrs.items()}
+        moments = Moments(dataset.shape[1])
+        for start in range(0, dataset.shape[0], chunk_rows):
+            block = dataset[start : start + chunk_rows]
+            if not np.all(np.isfinite(block)):
+                row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise ValueError(f"{path}: features of image {row} are NaN or Inf")
+            moments.update(block)
+    return moments, attrs
+
+
 def stats_from_features(features_path: str | Path) -> GaussianStats:
     """Float64 mean and covariance (ddof = 1) of a feature file, with its provenance."""
-    features, _, attrs = read_features(features_path)
-    keep = ("space", "family", "dim", "weights_sha256", "resolution", "image_file")
-    return GaussianStats.from_features(
-        features, **{k: attrs[k] for k in keep if k in attrs}, features_file=str(features_path))
+    moments, attrs = feature_file_moments(features_path)
+    keep = ("space", "family", "dim", "weights_sha256", "resolution", "image_file", "model",
+            "input_size", "pooling")
+    return GaussianStats.from_moments(
+        moments, **{k: attrs[k] for k in keep if k in attrs}, features_file=str(features_path))
 
 
 def write_stats(features_path: str | Path, out: str | Path) -> GaussianStats:
@@ -58,12 +81,12 @@ def check_compatible(stats: GaussianStats, attrs: dict[str, Any], stats_path: st
 def frechet_distance_of_file(features_path: str | Path, stats_path: str | Path
                              ) -> tuple[float, int, dict[str, Any]]:
     """Return FD of a feature file against reference statistics, the count, attributes."""
-    features, _, attrs = read_features(features_path)
-    ref = GaussianStats.load(stats_path, expect_dim=features.shape[1],
+    moments, attrs = feature_file_moments(features_path)
+    ref = GaussianStats.load(stats_path, expect_dim=moments.dim,
                              expect_space=attrs.get("space"))
     check_compatible(ref, attrs, stats_path, features_path)
-    own = GaussianStats.from_features(features)
-    return ref.frechet_distance_to(own.mu, own.sigma), int(features.shape[0]), attrs
+    fd = ref.frechet_distance_to(moments.mean, moments.covariance())
+    return fd, int(moments.count), attrs
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:

@@ -165,3 +165,53 @@ def read_dataset(path: str | Path, name: str) -> np.ndarray:
         if name not in fh:
             raise KeyError(f"{path}: no dataset '{name}' (found {sorted(fh.keys())})")
         return fh[name][()]
+
+
+class ImageFileWriter:
+    """fdpipe image file written batch by batch; it appears under its name on ``close``."""
+
+    def __init__(self, path: str | Path, image_shape: tuple[int, int, int]):
+        self.path = Path(path)
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        self.count = 0
+        self.image_shape = tuple(image_shape)
+        with _h5_write_errors(self.path):
+            self.fh = h5py.File(self._tmp, "w")
+            self.fh.create_dataset("images", shape=(0, *image_shape), maxshape=(None, *image_shape),
+                                   dtype=np.uint8, chunks=(64, *image_shape), compression="lzf")
+            self.fh.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64,
+                                   chunks=(4096,))
+
+    def append(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.dtype != np.uint8 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"{self.path}: expected uint8 images of shape (N, "
+                             f"{', '.join(map(str, self.image_shape))}), got "
+                             f"{images.dtype} {images.shape}")
+        n = images.shape[0]
+        with _h5_write_errors(self.path):
+            for name, array in (("images", images), ("labels", labels.astype(np.int64))):
+                self.fh[name].resize(self.count + n, axis=0)
+                self.fh[name][self.count : self.count + n] = array
+        self.count += n
+
+    def abort(self) -> None:
+        """Close and delete the temporary file; an existing target stays untouched."""
+        try:
+            self.fh.close()
+        finally:
+            self._atomic.__exit__(RuntimeError, RuntimeError(f"writing {self.path} aborted"),
+                                  None)
+
+    def close(self, **attrs: Any) -> None:
+        """Write the attributes and move the file into place."""
+        try:
+            with _h5_write_errors(self.path):
+                _set_attrs(self.fh.attrs, {"fdpipe_version": __version__, "count": self.count,
+                                           "resolution": self.image_shape[-1],
+                                           "channels": self.image_shape[0], **attrs})
+                self.fh.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._atomic.__exit__(None, None, None)
