@@ -213,7 +213,7 @@ def cmd_valfd(args) -> None:
     if len(args.features) != len(args.stats) or len(args.features) != len(args.spaces):
         raise SystemExit("--spaces, --features and --stats need the same number of entries")
     pairs = {s: (f, t) for s, f, t in zip(args.spaces, args.features, args.stats)}
-    write_json(args.out, validation_fds(pairs))
+    write_json(args.out, validation_fds(pairs, published=args.published))
 
 
 def cmd_pretrain(args) -> None:
@@ -458,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spaces", nargs="+", required=True)
     p.add_argument("--features", nargs="+", required=True)
     p.add_argument("--stats", nargs="+", required=True)
+    p.add_argument("--published", type=_spec, default=None,
+                   help="JSON {space: FD}: use these fixed normalisers for FDr and keep the "
+                        "computed validation FD beside them")
     p.add_argument("--out", required=True, help="output JSON")
 
     p = add("pretrain", cmd_pretrain, "Train the built-in flow-matching base generator.")

@@ -122,16 +122,30 @@ def evaluate_variant(features_path: str | Path, stats_path: str | Path,
     return result
 
 
-def validation_fds(pairs: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:
-    """FD of validation features against train statistics, per space (FDr normalisers)."""
+def validation_fds(pairs: dict[str, tuple[str, str]],
+                   published: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """FD of validation features against train statistics, per space (FDr normalisers).
+
+    With ``published``, each space's normaliser ``fd`` is the published value
+    and the computed one is kept as ``computed_fd`` for comparison.
+    """
     out = {}
     for space, (features_path, stats_path) in pairs.items():
         fd, n, _ = frechet_distance_of_file(features_path, stats_path)
-        if fd <= 0:
+        if published is None and fd <= 0:
             raise ValueError(f"validation FD in space '{space}' is {fd}; FDr needs a positive "
                              f"normaliser (are the validation and train sets identical?)")
-        out[space] = {"fd": fd, "n": n, "features_file": features_path, "stats_file": stats_path}
-        log.info("validation FD in %s: %.5g over %d images", space, fd, n)
+        entry = {"fd": fd, "n": n, "features_file": features_path, "stats_file": stats_path,
+                 "source": "computed"}
+        if published is not None:
+            if space not in published:
+                raise KeyError(f"no published normaliser for space '{space}'; add it under "
+                               f"evaluation.published_normalisers")
+            entry.update({"fd": float(published[space]), "computed_fd": fd,
+                          "source": "published"})
+        out[space] = entry
+        log.info("validation FD in %s: %.5g over %d images (normaliser %.5g, %s)", space, fd,
+                 n, entry["fd"], entry["source"])
     return out
 
 

@@ -120,3 +120,17 @@ def test_evaluate_and_aggregate(tmp_path):
     assert markdown.index("| good") < markdown.index("| bad")
     assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("variant,steps,n,fdr_k")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_published_normalisers_replace_computed(tmp_path):
+    rng = np.random.default_rng(6)
+    train = feature_file(tmp_path / "train.h5", rng.normal(size=(1000, 3)), "s1")
+    write_stats(train, tmp_path / "s1.npz")
+    val = feature_file(tmp_path / "val.h5", rng.normal(size=(300, 3)), "s1")
+    computed = validation_fds({"s1": (str(val), str(tmp_path / "s1.npz"))})
+    fixed = validation_fds({"s1": (str(val), str(tmp_path / "s1.npz"))}, published={"s1": 1.68})
+    assert fixed["s1"]["fd"] == 1.68
+    assert fixed["s1"]["source"] == "published"
+    assert fixed["s1"]["computed_fd"] == pytest.approx(computed["s1"]["fd"])
+    with pytest.raises(KeyError, match="published_normalisers"):
+        validation_fds({"s1": (str(val), str(tmp_path / "s1.npz"))}, published={"s2": 1.0})

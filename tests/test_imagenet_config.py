@@ -122,3 +122,21 @@ def test_dry_run_plans_paper_dag(tmp_path, fake_imagenet):
             assert "gpu=1" not in resources, rule
     assert f"--root {fake_imagenet}" in result.stdout
     assert "results/data/train.manifest.json" in result.stdout
+
+
+def test_published_normalisers_reach_valfd(tmp_path, fake_imagenet):
+    config = raw_config()
+    config["evaluation"]["normalisers"] = "published"
+    path = tmp_path / "published.yaml"
+    path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "results/stats/valfd.json", "-n", "-p", "--configfile", str(path),
+               "--config", f"data_root={fake_imagenet}"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    valfd_command = [line for line in result.stdout.splitlines() if " valfd " in line]
+    assert valfd_command, result.stdout
+    assert '"inception": 1.68' in valfd_command[0]
+    assert '"mae": 0.04' in valfd_command[0]

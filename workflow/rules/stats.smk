@@ -84,6 +84,11 @@ rule valfd:
         "results/stats/valfd.json",
     params:
         spaces=" ".join(EVAL_SPACES),
+        published=(
+            "--published " + spec_arg({s: CFG["evaluation"]["published_normalisers"][s]
+                                       for s in EVAL_SPACES})
+            if CFG["evaluation"]["normalisers"] == "published" else ""
+        ),
     log:
         log_path("valfd", "valfd"),
     threads: res("valfd", "threads")
@@ -93,4 +98,4 @@ rule valfd:
         **slurm_resources("valfd"),
     shell:
         "{FDPIPE} valfd --spaces {params.spaces} --features {input.features}"
-        " --stats {input.stats} --out {output} > {log} 2>&1"
+        " --stats {input.stats} {params.published} --out {output} > {log} 2>&1"
