@@ -8,6 +8,7 @@ batch (``.npz``), an image folder, or a manifest (``.json``) written by
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,13 @@ class ImageSet:
     bad: BadImages | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self._batches(batch_size)
+    def batches(self, batch_size: int, skip_batches: int = 0
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield batches, leaving out the first ``skip_batches`` (for resuming)."""
+        if skip_batches and self.kind == "h5":
+            return self._batches(batch_size, skip_batches)
+        # NOTE: other sources still read (and decode) the skipped batches.
+        return itertools.islice(self._batches(batch_size), skip_batches, None)
 
     def attributes(self) -> dict[str, Any]:
         return {"image_file": str(self.path), "image_kind": self.kind,
@@ -50,9 +56,9 @@ def _h5_set(path: Path) -> ImageSet:
                 raise KeyError(f"{path}: missing dataset '{key}'; is this an fdpipe image file?")
         count, _, _, width = fh["images"].shape
 
-    def batches(batch_size: int):
+    def batches(batch_size: int, skip_batches: int = 0):
         with h5py.File(path, "r") as fh:
-            for start in range(0, count, batch_size):
+            for start in range(skip_batches * batch_size, count, batch_size):
                 yield fh["images"][start : start + batch_size], fh["labels"][start : start + batch_size]
 
     return ImageSet(path, "h5", int(count), int(width), batches)
