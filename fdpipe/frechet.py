@@ -351,15 +351,21 @@ def frechet_distance_features(
 # ---------------------------------------------------------------------------
 
 
-def _spectrum(matrix: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _spectrum(
+    matrix: torch.Tensor, what: str, *, check_input: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (sqrt eigenvalues, eigenvectors, derivative weights) of a PSD matrix.
 
     The derivative weight of eigenvalue l is 1 / (2 sqrt(max(l, floor))) with
-    floor = EIGEN_FLOOR_REL * max eigenvalue.
+    floor = EIGEN_FLOOR_REL * max eigenvalue. With ``check_input=False`` the
+    caller has checked the inputs the matrix was built from, and NaN or Inf
+    that arise anyway are caught in the eigenvalues.
     """
-    if not bool(torch.isfinite(matrix).all()):
+    if check_input and not bool(torch.isfinite(matrix).all()):
         raise StatisticsError(f"{what} contains NaN or Inf")
     w, q = _eigh(matrix, what)
+    if not bool(torch.isfinite(w).all()):
+        raise StatisticsError(f"{what} contains NaN or Inf (non-finite eigenvalues)")
     top = float(w[-1])
     if top <= 0.0:
         raise StatisticsError(
@@ -390,17 +396,22 @@ class _TraceSqrtPSD(torch.autograd.Function):
 
 
 class _TraceSqrtLowRank(torch.autograd.Function):
-    """tr(M^{1/2}) for M = base + coef Y^T Y - c c^T, with base held fixed.
+    """tr(M^{1/2}) for M = s * base + coef Y^T Y - c c^T, with base held fixed.
 
     Only Y (B x d) and c (d) carry gradients. The backward pass applies
     Q diag(weights) Q^T to them in O(B d^2), never forming a d x d product.
     """
 
     @staticmethod
-    def forward(ctx, base, factor, coef: float, centre):
-        matrix = torch.addmm(base, factor.T, factor, alpha=coef)
-        matrix.sub_(torch.outer(centre, centre))
-        roots, q, weights = _spectrum(matrix, "population covariance seen through R S R")
+    def forward(ctx, base, base_scale: float, factor, coef: float, centre):
+        for name, tensor in (("batch factor", factor), ("population mean", centre)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise StatisticsError(f"{name} contains NaN or Inf")
+        matrix = torch.addmm(base, factor.T, factor, beta=base_scale, alpha=coef)
+        matrix.addr_(centre, centre, alpha=-1.0)
+        roots, q, weights = _spectrum(
+            matrix, "population covariance seen through R S R", check_input=False
+        )
         ctx.save_for_backward(q, weights, factor, centre)
         ctx.coef = coef
         return roots.sum()
@@ -410,12 +421,12 @@ class _TraceSqrtLowRank(torch.autograd.Function):
     def backward(ctx, grad_output):
         q, weights, factor, centre = ctx.saved_tensors
         grad_factor = grad_centre = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:
             grad_factor = (2.0 * ctx.coef) * (((factor @ q) * weights) @ q.T)
             grad_factor = grad_output * grad_factor
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             grad_centre = -2.0 * grad_output * (((centre @ q) * weights) @ q.T)
-        return None, grad_factor, None, grad_centre
+        return None, None, grad_factor, None, grad_centre
 
 
 def trace_sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
@@ -429,11 +440,17 @@ def trace_sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def trace_sqrt_lowrank(
-    base: torch.Tensor, factor: torch.Tensor, coef: float, centre: torch.Tensor
+    base: torch.Tensor,
+    factor: torch.Tensor,
+    coef: float,
+    centre: torch.Tensor,
+    base_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Return tr((base + coef Y^T Y - c c^T)^{1/2}) with gradients for Y and c.
+    """Return tr((s * base + coef Y^T Y - c c^T)^{1/2}) with gradients for Y and c.
 
-    ``base`` (d x d) is treated as a constant. Cost: one symmetric
-    eigendecomposition plus O(B d^2) for a factor Y of B rows.
+    ``base`` (d x d) is treated as a constant and s is ``base_scale``. Cost:
+    one symmetric eigendecomposition plus O(B d^2) for a factor Y of B rows.
     """
-    return _TraceSqrtLowRank.apply(base.detach(), factor, float(coef), centre)
+    return _TraceSqrtLowRank.apply(
+        base.detach(), float(base_scale), factor, float(coef), centre
+    )

@@ -78,7 +78,11 @@ def projected_fd(population: ProjectedPopulation, ref: ReferenceTensors) -> torc
     """
     diff = population.mean - ref.mu
     trace_sqrt = trace_sqrt_lowrank(
-        population.base, population.factor, population.coef, population.centre
+        population.base,
+        population.factor,
+        population.coef,
+        population.centre,
+        base_scale=population.base_scale,
     )
     fd = diff @ diff + population.trace + ref.trace_sigma - 2.0 * trace_sqrt
     return _check_fd(fd)
@@ -111,7 +115,9 @@ class FDLoss(torch.nn.Module):
         for space, ref in references.items():
             root = self.refs[space].sqrt_sigma
             if method == "ema":
-                estimators[space] = EMAStatistics(ref.dim, beta, projection=root)
+                estimators[space] = EMAStatistics(
+                    ref.dim, beta, projection=root, keep_second_moment=False
+                )
             elif method == "queue":
                 estimators[space] = QueueStatistics(ref.dim, queue_size, projection=root)
             else:

@@ -198,9 +198,10 @@ def _root_matches(root: np.ndarray, sigma: np.ndarray) -> bool:
 class ProjectedPopulation:
     """Population statistics seen through a reference root R.
 
-    R S R = base + coef * factor^T factor - centre centre^T, where S is the
-    population covariance. Only ``factor``, ``centre``, ``mean`` and ``trace``
-    depend on the current batch; ``base`` is detached state.
+    R S R = base_scale * base + coef * factor^T factor - centre centre^T,
+    where S is the population covariance. Only ``factor``, ``centre``,
+    ``mean`` and ``trace`` depend on the current batch. ``base`` is detached
+    state, passed unscaled so that no d x d copy is made for the scaling.
     """
 
     mean: torch.Tensor  # [d] population mean
@@ -209,6 +210,7 @@ class ProjectedPopulation:
     factor: torch.Tensor  # [B, d] (x - shift) R
     coef: float
     centre: torch.Tensor  # [d] R (mean - shift)
+    base_scale: float = 1.0
 
 
 def _batch_float64(x: torch.Tensor, dim: int, what: str) -> torch.Tensor:
@@ -237,17 +239,31 @@ class EMAStatistics(torch.nn.Module):
     With ``projection`` R (the reference root), the module also keeps
     R M2_ema R up to date with a rank-B update per step, and
     ``projected_population`` returns R S R in factored form, so FD-loss needs
-    no d x d x d product per step.
+    no d x d x d product per step. With ``keep_second_moment=False`` (only
+    allowed with a projection) the d x d ``m2`` is replaced by its diagonal,
+    which saves its memory and update, and ``population`` is unavailable.
     """
 
-    def __init__(self, dim: int, beta: float, projection: torch.Tensor | None = None):
+    def __init__(
+        self,
+        dim: int,
+        beta: float,
+        projection: torch.Tensor | None = None,
+        keep_second_moment: bool = True,
+    ):
         super().__init__()
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"EMA beta must be in [0, 1), got {beta}")
+        if projection is None and not keep_second_moment:
+            raise ValueError("keep_second_moment=False needs a projection")
         self.dim = int(dim)
         self.beta = float(beta)
         self.register_buffer("mu", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros(dim, dim, dtype=torch.float64))
+        if keep_second_moment:
+            self.register_buffer("m2", torch.zeros(dim, dim, dtype=torch.float64))
+        else:
+            self.m2 = None
+        self.register_buffer("m2_diagonal", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("shift", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
         if projection is not None:
@@ -266,7 +282,9 @@ class EMAStatistics(torch.nn.Module):
         self.shift.copy_(x.mean(0))
         self.mu.copy_(self.shift)
         z = x - self.shift
-        self.m2.copy_(z.T @ z / x.shape[0])
+        if self.m2 is not None:
+            self.m2.copy_(z.T @ z / x.shape[0])
+        self.m2_diagonal.copy_((z * z).mean(0))
         if self.projection is not None:
             y = z @ self.projection
             self.projected_m2.copy_(y.T @ y / x.shape[0])
@@ -279,6 +297,11 @@ class EMAStatistics(torch.nn.Module):
     def population(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mean, covariance) of the EMA population with batch x mixed in."""
         self._check_filled()
+        if self.m2 is None:
+            raise RuntimeError(
+                "population() needs the full second moment; construct EMAStatistics "
+                "with keep_second_moment=True or use projected_population()"
+            )
         x = _batch_float64(x, self.dim, "EMA population")
         b = self.beta
         z = x - self.shift
@@ -299,17 +322,18 @@ class EMAStatistics(torch.nn.Module):
         mu = b * self.mu + (1.0 - b) * x.mean(0)
         deviation = mu - self.shift
         trace = (
-            b * torch.diagonal(self.m2).sum()
+            b * self.m2_diagonal.sum()
             + (1.0 - b) * (z * z).sum() / batch
             - deviation @ deviation
         )
         return ProjectedPopulation(
             mean=mu,
             trace=trace,
-            base=b * self.projected_m2,
+            base=self.projected_m2,
             factor=z @ self.projection,
             coef=(1.0 - b) / batch,
             centre=deviation @ self.projection,
+            base_scale=b,
         )
 
     @torch.no_grad()
@@ -321,7 +345,9 @@ class EMAStatistics(torch.nn.Module):
         batch = x.shape[0]
         z = x - self.shift
         self.mu.mul_(b).add_(x.mean(0), alpha=1.0 - b)
-        self.m2.mul_(b).addmm_(z.T, z, alpha=(1.0 - b) / batch)
+        if self.m2 is not None:
+            self.m2.mul_(b).addmm_(z.T, z, alpha=(1.0 - b) / batch)
+        self.m2_diagonal.mul_(b).add_((z * z).mean(0), alpha=1.0 - b)
         if self.projection is not None:
             y = z @ self.projection
             self.projected_m2.mul_(b).addmm_(y.T, y, alpha=(1.0 - b) / batch)
@@ -446,10 +472,11 @@ class QueueStatistics(torch.nn.Module):
         return ProjectedPopulation(
             mean=self.shift + deviation,
             trace=total_sq / n - deviation @ deviation,
-            base=(self.projected_sum2 - old_projected.T @ old_projected) / n,
+            base=torch.addmm(self.projected_sum2, old_projected.T, old_projected, alpha=-1.0),
             factor=z @ root,
             coef=1.0 / n,
             centre=deviation @ root,
+            base_scale=1.0 / n,
         )
 
     @torch.no_grad()

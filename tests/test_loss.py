@@ -8,7 +8,7 @@ import torch
 
 from fdpipe.frechet import StatisticsError, frechet_distance
 from fdpipe.loss import FDLoss, ReferenceTensors, differentiable_fd, projected_fd
-from fdpipe.stats import GaussianStats
+from fdpipe.stats import EMAStatistics, GaussianStats
 
 
 def _reference(rng: np.random.Generator, d: int, rank: int | None = None) -> GaussianStats:
@@ -17,10 +17,35 @@ def _reference(rng: np.random.Generator, d: int, rank: int | None = None) -> Gau
     return GaussianStats.from_features(x, space="demo")
 
 
-def _loss(ref: GaussianStats, method: str, pool: torch.Tensor) -> FDLoss:
+def _loss(ref: GaussianStats, method: str, pool: torch.Tensor, full: bool = True) -> FDLoss:
+    """FDLoss whose EMA keeps the full second moment (so tests can call population)."""
     loss = FDLoss({"demo": ref}, method=method, beta=0.7, queue_size=12)
+    if method == "ema" and full:
+        root = loss.refs["demo"].sqrt_sigma
+        loss.estimators["demo"] = EMAStatistics(ref.dim, 0.7, projection=root)
     loss.fill({"demo": pool})
     return loss
+
+
+def test_default_ema_matches_full_moment_ema():
+    rng = np.random.default_rng(7)
+    ref = _reference(rng, 9)
+    pool = torch.tensor(rng.standard_normal((25, 9)))
+    lean = _loss(ref, "ema", pool, full=False)
+    full = _loss(ref, "ema", pool)
+    assert lean.estimators["demo"].m2 is None
+    for _ in range(3):
+        x = torch.tensor(rng.standard_normal((4, 9)), requires_grad=True)
+        lean_value, _ = lean({"demo": x})
+        (lean_grad,) = torch.autograd.grad(lean_value, x)
+        full_value, _ = full({"demo": x})
+        (full_grad,) = torch.autograd.grad(full_value, x)
+        assert float(lean_value) == pytest.approx(float(full_value), rel=1e-13)
+        torch.testing.assert_close(lean_grad, full_grad, rtol=1e-12, atol=1e-14)
+        lean.update({"demo": x.detach()})
+        full.update({"demo": x.detach()})
+    with pytest.raises(RuntimeError, match="keep_second_moment=True"):
+        lean.estimators["demo"].population(x)
 
 
 @pytest.mark.parametrize("method", ["ema", "queue"])
@@ -59,7 +84,8 @@ def test_gradcheck_through_statistics(method, case):
     x = torch.tensor(batch, requires_grad=True)
 
     population = loss.estimators["demo"].projected_population(x.detach())
-    matrix = population.base + population.coef * population.factor.T @ population.factor
+    matrix = population.base_scale * population.base
+    matrix = matrix + population.coef * population.factor.T @ population.factor
     matrix = matrix - torch.outer(population.centre, population.centre)
     smallest = torch.linalg.eigvalsh(matrix)[0].abs()
     if case != "full_rank":
@@ -121,12 +147,13 @@ def test_multi_space_normalisation():
     torch.testing.assert_close(xa.grad, 2.0 * grad_a / (values["a"] + 1e-8))
 
 
-def test_fdloss_state_dict_round_trip():
+@pytest.mark.parametrize("full", [True, False])
+def test_fdloss_state_dict_round_trip(full):
     rng = np.random.default_rng(5)
     ref = _reference(rng, 6)
-    loss = _loss(ref, "ema", torch.tensor(rng.standard_normal((12, 6))))
+    loss = _loss(ref, "ema", torch.tensor(rng.standard_normal((12, 6))), full=full)
     loss.update({"demo": torch.tensor(rng.standard_normal((3, 6)))})
-    copy = FDLoss({"demo": ref}, method="ema", beta=0.7)
+    copy = _loss(ref, "ema", torch.zeros(2, 6), full=full)
     copy.load_state_dict(loss.state_dict())
     x = torch.tensor(rng.standard_normal((3, 6)))
     assert float(copy({"demo": x})[0]) == float(loss({"demo": x})[0])

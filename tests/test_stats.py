@@ -151,7 +151,7 @@ def test_projected_population_matches_full(kind):
         x = torch.tensor(rng.standard_normal((3, d)) + 3.0)
         mu, sigma = est.population(x)
         pop = est.projected_population(x)
-        projected = pop.base + pop.coef * pop.factor.T @ pop.factor - torch.outer(
+        projected = pop.base_scale * pop.base + pop.coef * pop.factor.T @ pop.factor - torch.outer(
             pop.centre, pop.centre
         )
         torch.testing.assert_close(projected, root @ sigma @ root, rtol=0, atol=1e-12)
@@ -179,7 +179,10 @@ def test_state_dict_round_trip(kind):
     x = torch.tensor(rng.standard_normal((2, d)))
     for a, b in zip(est.population(x), copy.population(x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert copy.projected_population(x).base.equal(est.projected_population(x).base)
+    projected_copy = copy.projected_population(x)
+    projected = est.projected_population(x)
+    assert projected_copy.base.equal(projected.base)
+    assert projected_copy.base_scale == projected.base_scale
 
 
 def test_estimator_errors():
