@@ -31,7 +31,7 @@ def _cov_with_spectrum(rng: np.random.Generator, eigenvalues: np.ndarray) -> np.
 
 
 def _mp_matrix(a: np.ndarray) -> mpmath.matrix:
-    # float64 -> mpf is exact, so the reference sees the very same inputs.
+    # float64 -> mpf is exact, so the reference uses the very same inputs.
     return mpmath.matrix(a.tolist())
 
 
