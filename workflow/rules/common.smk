@@ -107,6 +107,18 @@ def res(rule_name, key):
 # Config keys under resources.<rule> that name SLURM settings, and the
 # resource names the SLURM executor plugin reads them from.
 SLURM_RESOURCE_KEYS = {"partition": "slurm_partition", "gpu_model": "gpu_model", "gres": "gres"}
+# Rules whose `resources:` include slurm_resources(rule); a rule is added here
+# when its resources pass them on.
+SLURM_KEY_RULES = {"finetune", "stats", "valfd", "extract_shard", "merge_stats"}
+
+for _rule, _settings in CFG["resources"].items():
+    _slurm_keys = sorted(k for k in SLURM_RESOURCE_KEYS if _settings.get(k) is not None)
+    if _slurm_keys and _rule not in SLURM_KEY_RULES:
+        raise WorkflowError(
+            f"resources.{_rule}: {_slurm_keys} can be set per rule only for "
+            f"{sorted(SLURM_KEY_RULES)}; for {_rule} set slurm_partition (or gpu_model, gres) "
+            f"under default-resources in the SLURM profile"
+        )
 
 
 def slurm_resources(rule_name):
