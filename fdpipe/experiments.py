@@ -7,7 +7,7 @@
   one-step FD-loss runs, with the sampling cost per image.
 
 Each set expands into named runs that share the ``finetune`` rule with the
-main runs; the set's table lists what was varied and what was held fixed.
+main runs. The set's table lists what was varied and what was held fixed.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def expand_experiments(config: dict[str, Any], run_defaults: dict[str, Any]
                        ) -> dict[str, ExperimentSet]:
     """Expand ``config['experiments']`` into experiment sets with fully specified runs.
 
-    ``run_defaults`` holds the schema defaults of one run; settings given in
+    ``run_defaults`` contains the schema defaults of one run. Settings given in
     the set override ``finetune.defaults``, which override ``run_defaults``.
     """
     sets: dict[str, ExperimentSet] = {}
