@@ -37,26 +37,28 @@ def run_snakemake(workdir: Path, config: Path, *extra: str) -> subprocess.Comple
     return subprocess.run(command, capture_output=True, text=True)
 
 
-def find_stage(stage: str) -> int | None:
-    """Return the pid of a running `python -m fdpipe <stage>` process, if any."""
+def find_stage(stage: str, workdir: Path) -> int | None:
+    """Return the pid of a `python -m fdpipe <stage>` process running in ``workdir``."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(entry / "cwd"))
         except OSError:
             continue
-        if b"fdpipe" in argv and stage.encode() in argv and b"-m" in argv:
+        if b"fdpipe" in argv and stage.encode() in argv and b"-m" in argv and cwd == workdir:
             return int(entry.name)
     return None
 
 
 class Killer(threading.Thread):
-    """Sends SIGKILL to each named stage once, a random time after it starts."""
+    """Sends SIGKILL to each named stage of ``workdir`` once, a random time after it starts."""
 
-    def __init__(self, stages: list[str], seed: int, max_delay: float):
+    def __init__(self, stages: list[str], workdir: Path, seed: int, max_delay: float):
         super().__init__(daemon=True)
         self.stages = list(stages)
+        self.workdir = workdir.resolve()
         self.rng = random.Random(seed)
         self.max_delay = max_delay
         self.killed: list[str] = []
@@ -65,11 +67,11 @@ class Killer(threading.Thread):
     def run(self) -> None:
         while self.stages and not self.stop.is_set():
             for stage in list(self.stages):
-                pid = find_stage(stage)
+                pid = find_stage(stage, self.workdir)
                 if pid is None:
                     continue
                 time.sleep(self.rng.uniform(0.2, self.max_delay))
-                if find_stage(stage) == pid:
+                if find_stage(stage, self.workdir) == pid:
                     try:
                         os.kill(pid, signal.SIGKILL)
                         self.killed.append(stage)
@@ -97,7 +99,7 @@ def uninterrupted(tmp_path_factory, fake_fashion_mnist):
 @pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("FDPIPE_KILL_SEEDS", "1").split(",")])
 def test_sigkill_then_rerun_matches(tmp_path, fake_fashion_mnist, uninterrupted, seed):
     config = kill_config(tmp_path, fake_fashion_mnist)
-    killer = Killer(["extract", "finetune"], seed=seed, max_delay=2.0)
+    killer = Killer(["extract", "finetune"], tmp_path, seed=seed, max_delay=2.0)
     killer.start()
     first = run_snakemake(tmp_path, config)
     killer.stop.set()
