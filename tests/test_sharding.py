@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from fdpipe.cli import main
@@ -152,3 +153,18 @@ def test_cli_extract_shard_and_merge(image_file, single_pass, tmp_path):
     assert main(["extract-shard", "--space", "pixels", "--spec", spec, "--images",
                  str(image_file), "--shard", "3", "--shards", "3", "--device", "cpu",
                  "--out", str(tmp_path / "bad.npz")]) == 1
+
+
+def test_sharded_dag_replaces_stats_jobs(tmp_path):
+    from tests.test_workflow import REPO, planned_jobs, snakemake
+
+    config = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
+    config["evaluation"]["shards"] = 3
+    path = tmp_path / "sharded.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(snakemake(tmp_path, "-n", "--configfile", str(path)).stdout)
+    # Train statistics of 3 spaces, 3 shards each; valfd still reads the test features.
+    assert jobs["extract_shard"] == 9
+    assert jobs["merge_stats"] == 3
+    assert "stats" not in jobs
+    assert jobs["extract_real"] == 3
