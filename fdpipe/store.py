@@ -8,6 +8,7 @@ leaves a file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import logging
@@ -81,7 +82,7 @@ def _h5_write_errors(path: str | Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as err:
-        raise OSError(f"writing {path} failed: {err}") from err
+        raise OSError(errno.EIO, f"writing {path} failed: {err}", str(path)) from err
 
 
 def file_sha256(path: str | Path) -> str:
