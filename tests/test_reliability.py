@@ -52,6 +52,15 @@ def find_stage(stage: str, workdir: Path) -> int | None:
     return None
 
 
+def exited(pid: int) -> bool:
+    """True when the process has finished (a zombie waiting for its parent) or is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 class Killer(threading.Thread):
     """Sends SIGKILL to each named stage of ``workdir`` once, a random time after it starts."""
 
@@ -71,7 +80,7 @@ class Killer(threading.Thread):
                 if pid is None:
                     continue
                 time.sleep(self.rng.uniform(0.2, self.max_delay))
-                if find_stage(stage, self.workdir) == pid:
+                if find_stage(stage, self.workdir) == pid and not exited(pid):
                     try:
                         os.kill(pid, signal.SIGKILL)
                         self.killed.append(stage)

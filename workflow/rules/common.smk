@@ -107,9 +107,8 @@ def res(rule_name, key):
 # Config keys under resources.<rule> that name SLURM settings, and the
 # resource names the SLURM executor plugin reads them from.
 SLURM_RESOURCE_KEYS = {"partition": "slurm_partition", "gpu_model": "gpu_model", "gres": "gres"}
-# Rules whose `resources:` include slurm_resources(rule); a rule is added here
-# when its resources pass them on.
-SLURM_KEY_RULES = {"finetune", "stats", "valfd", "extract_shard", "merge_stats"}
+# Every rule's `resources:` include slurm_resources(rule).
+SLURM_KEY_RULES = set(DEFAULT_RESOURCES)
 
 for _rule, _settings in CFG["resources"].items():
     _slurm_keys = sorted(k for k in SLURM_RESOURCE_KEYS if _settings.get(k) is not None)

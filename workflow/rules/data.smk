@@ -20,6 +20,7 @@ rule prepare_data:
     resources:
         mem_mb=res("prepare_data", "mem_mb"),
         runtime=res("prepare_data", "runtime"),
+        **slurm_resources("prepare_data"),
     shell:
         "{FDPIPE} prepare --dataset {params.dataset} --root {params.root:q} --split {wildcards.split}"
         " --source {params.source:q} --resolution {params.resolution} --subset {params.subset}"

@@ -18,6 +18,7 @@ rule train_encoder:
         mem_mb=res("train_encoder", "mem_mb"),
         runtime=res("train_encoder", "runtime"),
         gpu=res("train_encoder", "gpu"),
+        **slurm_resources("train_encoder"),
     shell:
         "{FDPIPE} train-encoder --space {wildcards.trained_space} --spec {params.spec}"
         " --train {input.train} --test {input.test} --seed {SEED} --threads {threads}"

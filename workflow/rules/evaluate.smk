@@ -14,6 +14,7 @@ rule evaluate:
     resources:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
+        **slurm_resources("evaluate"),
     shell:
         "{FDPIPE} evaluate --space {wildcards.space} --features {input.features}"
         " --stats {input.stats} --valfd {input.valfd} --out {output} > {log} 2>&1"

@@ -40,6 +40,7 @@ rule experiment_table:
     resources:
         mem_mb=res("experiment_table", "mem_mb"),
         runtime=res("experiment_table", "runtime"),
+        **slurm_resources("experiment_table"),
     shell:
         "{FDPIPE} experiment-table --spec {params.spec} --evals {input} --csv {output.csv}"
         " --md {output.md} --figure {output.figure} > {log} 2>&1"
@@ -59,6 +60,7 @@ rule rank_agreement:
     resources:
         mem_mb=res("rank_agreement", "mem_mb"),
         runtime=res("rank_agreement", "runtime"),
+        **slurm_resources("rank_agreement"),
     shell:
         "{FDPIPE} rank-agreement --spec {params.spec} --evals {input} --csv {output.csv}"
         " --md {output.md} > {log} 2>&1"

@@ -19,6 +19,7 @@ rule extract_real:
         mem_mb=res("extract_real", "mem_mb"),
         runtime=res("extract_real", "runtime"),
         gpu=res("extract_real", "gpu"),
+        **slurm_resources("extract_real"),
     shell:
         "{FDPIPE} extract --space {wildcards.space} --spec {params.spec} --images {input.images}"
         " --batch-size {params.batch_size} --device {DEVICE} --threads {threads}"
@@ -43,6 +44,7 @@ rule extract_generated:
         mem_mb=res("extract_generated", "mem_mb"),
         runtime=res("extract_generated", "runtime"),
         gpu=res("extract_generated", "gpu"),
+        **slurm_resources("extract_generated"),
     shell:
         "{FDPIPE} extract --space {wildcards.space} --spec {params.spec} --images {input.images}"
         " --batch-size {params.batch_size} --device {DEVICE} --threads {threads}"

@@ -17,6 +17,7 @@ rule pretrain:
         mem_mb=res("pretrain", "mem_mb"),
         runtime=res("pretrain", "runtime"),
         gpu=res("pretrain", "gpu"),
+        **slurm_resources("pretrain"),
     shell:
         "{FDPIPE} pretrain --spec {params.spec} --train {input} --seed {SEED}"
         " --threads {threads} --out {output} > {log} 2>&1"

@@ -24,6 +24,7 @@ rule aggregate:
     resources:
         mem_mb=res("aggregate", "mem_mb"),
         runtime=res("aggregate", "runtime"),
+        **slurm_resources("aggregate"),
     shell:
         "{FDPIPE} aggregate --spec {params.spec} --evals {input} --csv {output.csv}"
         " --md {output.md} --figure {output.figure} > {log} 2>&1"

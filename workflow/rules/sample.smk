@@ -23,6 +23,7 @@ rule sample_base:
         mem_mb=res("sample_base", "mem_mb"),
         runtime=res("sample_base", "runtime"),
         gpu=res("sample_base", "gpu"),
+        **slurm_resources("sample_base"),
     shell:
         "{FDPIPE} sample --spec {params.spec} --generator-checkpoint {input}"
         " --steps {wildcards.steps} --guidance-scale {params.guidance}"
@@ -51,6 +52,7 @@ rule sample_run:
         mem_mb=res("sample_run", "mem_mb"),
         runtime=res("sample_run", "runtime"),
         gpu=res("sample_run", "gpu"),
+        **slurm_resources("sample_run"),
     shell:
         "{FDPIPE} sample --run {input} --steps {params.steps} --guidance-scale {params.guidance}"
         " --num-samples {params.num_samples} --batch-size {params.batch_size} --seed {SEED}"
