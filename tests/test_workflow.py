@@ -121,3 +121,42 @@ def test_experiment_target_plans(tmp_path, target, runs):
     assert jobs["finetune"] == runs
     rule = "rank_agreement" if "rank_agreement" in target else "experiment_table"
     assert jobs[rule] == 1
+
+
+def test_external_generator_through_config(tmp_path, fake_fashion_mnist):
+    """A generator factory from a test module, named in the config, is fine-tuned."""
+    import os
+
+    import torch
+
+    from tests.plugin_generator import build
+
+    torch.save(build(resolution=8).state_dict(), tmp_path / "plugin.pt")
+    config = {
+        "device": "cpu",
+        "data": {"root": str(fake_fashion_mnist), "resolution": 8, "train_subset": 200,
+                 "test_subset": 100},
+        "spaces": {"pixels": {"family": "pixels", "options": {"size": 4}}},
+        "evaluation": {"num_samples": 100, "batch_size": 50},
+        "generator": {"factory": "tests.plugin_generator:build",
+                      "checkpoint": str(tmp_path / "plugin.pt"), "options": {"resolution": 8},
+                      "base_steps": [1]},
+        "finetune": {"defaults": {"steps": 3, "batch_size": 32, "fill_samples": 64,
+                                  "log_every": 1},
+                     "runs": {"fd-pixels": {"spaces": ["pixels"]}}},
+    }
+    path = tmp_path / "plugin.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+               str(tmp_path), "results/samples/fd-pixels.h5", "--cores", "2", "--configfile",
+               str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pretrain" not in result.stdout + result.stderr
+    checkpoint = torch.load(tmp_path / "results/runs/fd-pixels/generator.pt",
+                            weights_only=False)
+    assert checkpoint["generator"]["factory"] == "tests.plugin_generator:build"
+    assert checkpoint["step"] == 3
+    metrics = (tmp_path / "results/runs/fd-pixels/metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 3
