@@ -202,3 +202,23 @@ def test_estimator_errors():
     queue.fill(torch.randn(4, 3))
     with pytest.raises(ValueError, match="batch of 5 is larger than the queue"):
         queue.population(torch.zeros(5, 3))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_queue_population_after_many_wraps(offset):
+    """Queue of size N: after 300 steps (90 wraps) the statistics of the queue with
+    the batch in the oldest slots equal those of the last N features from scratch."""
+    rng = np.random.default_rng(11)
+    d, size, batch_size = 6, 20, 6
+    history = rng.standard_normal((size, d)) * rng.uniform(0.5, 2, d) + offset
+    queue = QueueStatistics(d, size)
+    queue.fill(torch.tensor(history))
+    for step in range(300):
+        batch = rng.standard_normal((batch_size, d)) + offset
+        history = np.vstack([history, batch])
+        mu, sigma = queue.population(torch.tensor(batch))
+        if step % 50 == 49:
+            ref_mu, ref_sigma = _queue_reference(history, size)
+            assert _rel(mu.numpy(), ref_mu) < 1e-10, step
+            assert _rel(sigma.numpy(), ref_sigma) < 1e-10, step
+        queue.update(torch.tensor(batch))
