@@ -336,7 +336,8 @@ def cmd_experiment_table(args) -> None:
     from fdpipe.report import experiment_table
 
     spec = args.spec
-    experiment_table(spec["name"], spec["varied"], spec["rows"], spec["fixed"], args.evals,
+    rows = dict(spec["rows"]) if isinstance(spec["rows"], list) else spec["rows"]
+    experiment_table(spec["name"], spec["varied"], rows, spec["fixed"], args.evals,
                      spec["spaces"], spec["fdrk_spaces"], args.csv, args.md, args.figure,
                      costs=spec.get("costs"))
 

@@ -40,6 +40,16 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+# Settings that do not change the numbers, left out of the "fixed" caption.
+BOOKKEEPING = ("log_every", "checkpoint_every", "max_consecutive_skips")
+
+
+def _fixed(settings: dict[str, Any], varied: tuple[str, ...], **extra: Any) -> dict[str, Any]:
+    """Settings held fixed across a set: all but the varied and bookkeeping ones."""
+    fixed = {k: v for k, v in settings.items() if k not in varied + BOOKKEEPING}
+    return {**fixed, **extra}
+
+
 def _run_settings(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     base = copy.deepcopy(config["finetune"].get("defaults", {}))
     base.update(copy.deepcopy(spec.get("settings", {})))
@@ -69,8 +79,9 @@ def expand_experiments(config: dict[str, Any], run_defaults: dict[str, Any]
             runs[name] = complete({**settings, "spaces": spec["spaces"], "method": "queue",
                                    "queue_size": size, "fill_samples": fill})
             rows[name] = size
-        sets["queue_size"] = ExperimentSet("queue_size", "queue size", rows, runs,
-                                           {"spaces": spec["spaces"], **settings})
+        fixed = _fixed(settings, ("method", "queue_size", "fill_samples", "beta", "spaces"),
+                       method="queue", spaces=spec["spaces"])
+        sets["queue_size"] = ExperimentSet("queue_size", "queue size", rows, runs, fixed)
 
     spec = experiments.get("ema_beta")
     if spec:
@@ -81,8 +92,9 @@ def expand_experiments(config: dict[str, Any], run_defaults: dict[str, Any]
             runs[name] = complete({**settings, "spaces": spec["spaces"], "method": "ema",
                                    "beta": beta})
             rows[name] = beta
-        sets["ema_beta"] = ExperimentSet("ema_beta", "EMA beta", rows, runs,
-                                         {"spaces": spec["spaces"], **settings})
+        fixed = _fixed(settings, ("method", "queue_size", "beta", "spaces"), method="ema",
+                       spaces=spec["spaces"])
+        sets["ema_beta"] = ExperimentSet("ema_beta", "EMA beta", rows, runs, fixed)
 
     spec = experiments.get("spaces")
     if spec:
@@ -92,7 +104,8 @@ def expand_experiments(config: dict[str, Any], run_defaults: dict[str, Any]
             name = "spaces-" + "+".join(combination)
             runs[name] = complete({**settings, "spaces": list(combination)})
             rows[name] = "+".join(combination)
-        sets["spaces"] = ExperimentSet("spaces", "training spaces", rows, runs, settings)
+        sets["spaces"] = ExperimentSet("spaces", "training spaces", rows, runs,
+                                       _fixed(settings, ("spaces", "weights")))
 
     spec = experiments.get("repurpose")
     if spec:

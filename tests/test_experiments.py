@@ -31,6 +31,12 @@ def test_queue_size_runs():
     # finetune.defaults apply, schema defaults fill the rest.
     assert runs["queue-64"]["steps"] == 50
     assert runs["queue-64"]["lr"] == run_defaults()["lr"]
+    # The caption's fixed settings leave out what the set varies.
+    fixed = sets["queue_size"].fixed
+    assert "queue_size" not in fixed
+    assert fixed["method"] == "queue"
+    assert fixed["steps"] == 50
+    assert "log_every" not in fixed
 
 
 def test_set_settings_override_defaults():

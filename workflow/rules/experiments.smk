@@ -13,7 +13,8 @@ def nfe_per_image(variant):
 
 def experiment_spec(name):
     experiment = EXPERIMENTS[name]
-    spec = {"name": name, "varied": experiment.varied, "rows": experiment.rows,
+    # Rows go as a list because spec_arg sorts dict keys and the set's order matters.
+    spec = {"name": name, "varied": experiment.varied, "rows": list(experiment.rows.items()),
             "fixed": experiment.fixed, "spaces": EVAL_SPACES, "fdrk_spaces": FDRK_SPACES}
     if name == "repurpose":
         spec["costs"] = {v: nfe_per_image(v) for v in experiment.variants}
