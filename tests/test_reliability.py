@@ -105,7 +105,10 @@ def uninterrupted(tmp_path_factory, fake_fashion_mnist):
     return output_files(workdir)
 
 
-@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("FDPIPE_KILL_SEEDS", "1").split(",")])
+KILL_SEEDS = [int(s) for s in os.environ.get("FDPIPE_KILL_SEEDS", "1,2,3").split(",")]
+
+
+@pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_sigkill_then_rerun_matches(tmp_path, fake_fashion_mnist, uninterrupted, seed):
     config = kill_config(tmp_path, fake_fashion_mnist)
     killer = Killer(["extract", "finetune"], tmp_path, seed=seed, max_delay=2.0)
