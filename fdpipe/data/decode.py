@@ -81,7 +81,7 @@ class BadImages:
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
-    # Modes I;16* hold 0..65535; mode I from a 16-bit PNG holds the same range.
+    # Modes I;16* contain 0..65535, and so does mode I from a 16-bit PNG.
     array = np.asarray(image, dtype=np.float64)
     gray = np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8)
     return Image.fromarray(gray, mode="L").convert("RGB")

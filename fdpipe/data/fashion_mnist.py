@@ -65,7 +65,7 @@ def load_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fetch(root: str | Path | None = None) -> Path:
-    """Make Fashion-MNIST available and return the folder that holds it.
+    """Make Fashion-MNIST available and return the folder that contains it.
 
     Order: an explicit ``root`` that already has the files, the Debian package
     location, ``apt-get install dataset-fashion-mnist`` when running as root

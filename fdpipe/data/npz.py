@@ -40,7 +40,7 @@ def _read_header(fh) -> tuple[tuple[int, ...], np.dtype, bool]:
 
 
 def read_header(path: str | Path) -> NpzHeader:
-    """Check that ``path`` holds uint8 NHWC RGB images under arr_0; return their shape."""
+    """Check that ``path`` contains uint8 NHWC RGB images under arr_0; return their shape."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz file not found: {path}")
