@@ -7,12 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from scipy.special import log_softmax, logsumexp
 
 from fdpipe.stats import GaussianStats, Moments
-from fdpipe.store import atomic_path, read_dataset
+from fdpipe.store import atomic_path, open_features, read_dataset
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +32,8 @@ def feature_file_moments(features_path: str | Path, chunk_rows: int = 65536
                          ) -> tuple[Moments, dict[str, Any]]:
     """Float64 moments of a feature file, read in chunks of ``chunk_rows`` rows."""
     path = Path(features_path)
-    if not path.exists():
-        raise FileNotFoundError(f"feature file not found: {path}")
-    with h5py.File(path, "r") as fh:
-        if "features" not in fh:
-            raise KeyError(f"{path}: missing dataset 'features'; is this an fdpipe feature file?")
+    with open_features(path) as (fh, attrs):
         dataset = fh["features"]
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fh.attrs.items()}
         moments = Moments(dataset.shape[1])
         for start in range(0, dataset.shape[0], chunk_rows):
             block = dataset[start : start + chunk_rows]

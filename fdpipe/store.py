@@ -149,7 +149,9 @@ def write_features(
                                   "dim": features.shape[1], **attrs})
 
 
-def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+@contextlib.contextmanager
+def open_features(path: str | Path) -> Iterator[tuple[h5py.File, dict[str, Any]]]:
+    """Open an fdpipe feature file for reading; yield the file and its attributes."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"feature file not found: {path}")
@@ -157,6 +159,11 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, A
         if "features" not in fh:
             raise KeyError(f"{path}: missing dataset 'features'; is this an fdpipe feature file?")
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fh.attrs.items()}
+        yield fh, attrs
+
+
+def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    with open_features(path) as (fh, attrs):
         return fh["features"][()], fh["labels"][()], attrs
 
 
