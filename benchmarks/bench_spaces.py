@@ -5,7 +5,7 @@ On CUDA: the full-size architectures with random weights (timm
 format), 2,048 random 256x256 images per space, bf16 autocast, after one
 warm-up batch. Without CUDA the full run is skipped with a message and a tiny
 CPU variant runs instead (small architectures, a few images) so the script
-itself stays tested; its numbers say nothing about the paper-scale spaces.
+itself stays tested; its numbers do not describe the paper-scale spaces.
 
     python benchmarks/bench_spaces.py [--images 2048] [--batch-size 128] [--out FILE]
 """

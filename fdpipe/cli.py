@@ -65,7 +65,7 @@ def _space_from_spec(name: str, spec: dict[str, Any]):
 
 
 def _config_spaces(args) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The validated config (or {}) and the JSON specs of the requested spaces."""
+    """Return the validated config (or {}) and the JSON specs of the requested spaces."""
     from fdpipe.config import load_config, space_weights_path
 
     if args.spec is not None:

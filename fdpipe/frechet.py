@@ -3,7 +3,7 @@
 FD(N(mu1, S1), N(mu2, S2)) = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}).
 The trace term equals the sum of the square roots of the eigenvalues of the
 symmetric matrix R S1 R with R = S2^{1/2}. R belongs to the reference
-statistics, so it is computed once and cached with them; each distance then
+statistics, so it is computed once and cached with them. Each distance then
 costs one matrix product and one symmetric eigenvalue decomposition.
 
 The decompositions run through torch, whose CPU wheels call MKL LAPACK: on the
@@ -433,7 +433,7 @@ def trace_sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
     """Return tr(M^{1/2}) of a symmetric PSD float64 matrix, differentiably.
 
     Round-off eigenvalues count as zero in the value. The gradient is
-    Q diag(1 / (2 sqrt(max(l, floor)))) Q^T, floored as EIGEN_FLOOR_REL says.
+    Q diag(1 / (2 sqrt(max(l, floor)))) Q^T, with the floor set by EIGEN_FLOOR_REL.
     Raises StatisticsError on NaN, Inf, an indefinite or an all-zero matrix.
     """
     return _TraceSqrtPSD.apply(matrix)

@@ -237,7 +237,7 @@ class EMAStatistics(torch.nn.Module):
     step.
 
     With ``projection`` R (the reference root), the module also keeps
-    R M2_ema R up to date with a rank-B update per step, and
+    R M2_ema R up to date with a rank-B update per step. Its
     ``projected_population`` returns R S R in factored form, so FD-loss needs
     no d x d x d product per step. With ``keep_second_moment=False`` (only
     allowed with a projection) the d x d ``m2`` is replaced by its diagonal,
