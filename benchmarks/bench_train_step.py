@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fdpipe.eigen import resolve_eigensolver
 from fdpipe.loss import FDLoss
 from fdpipe.stats import GaussianStats
 
@@ -89,7 +90,8 @@ class StraightforwardQueue(StraightforwardEMA):
         self.pointer = (self.pointer + b) % self.size
 
 
-def setup(method: str, impl: str, d: int, pool_size: int, queue_size: int, beta: float, device):
+def setup(method: str, impl: str, d: int, pool_size: int, queue_size: int, beta: float, device,
+          eigensolver: str = "auto"):
     gen = torch.Generator().manual_seed(0)
     mixing = torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
     ref_features = (torch.randn(2 * d, d, generator=gen, dtype=torch.float64) @ mixing).numpy()
@@ -98,7 +100,8 @@ def setup(method: str, impl: str, d: int, pool_size: int, queue_size: int, beta:
     count = queue_size if method == "queue" else pool_size
     pool = (torch.randn(count, d, generator=gen, dtype=torch.float64) @ mixing + 0.1).to(device)
     if impl == "fdpipe":
-        loss = FDLoss({"bench": ref}, method=method, beta=beta, queue_size=queue_size)
+        loss = FDLoss({"bench": ref}, method=method, beta=beta, queue_size=queue_size,
+                      eigensolver=eigensolver)
         loss.to(device)
         loss.fill({"bench": pool})
     elif method == "ema":
@@ -146,10 +149,14 @@ def run(args) -> None:
         steps = {}
         for impl in ("fdpipe", "straightforward"):
             start = time.perf_counter()
-            loss, mixing = setup(method, impl, args.dim, args.pool, args.queue_size, args.beta, device)
+            loss, mixing = setup(method, impl, args.dim, args.pool, args.queue_size, args.beta,
+                                 device, args.eigensolver)
             print(f"{impl} set-up {time.perf_counter() - start:.1f} s")
             steps[impl] = make_step(impl, loss, mixing, args.batch, args.dim, device)
+            if impl == "fdpipe":
+                fdpipe_loss = loss
         timings = common.time_interleaved(steps, {impl: args.repeats for impl in steps})
+        print(f"fdpipe eigensolver: {fdpipe_loss.solvers['bench']} (requested {args.eigensolver})")
         del steps, loss
         for impl, timing in timings.items():
             print(common.format_timing(
@@ -169,7 +176,7 @@ def run(args) -> None:
                 mem = common.measure_in_subprocess(Path(__file__), [
                     "--memory-only", impl, "--methods", method, "--dim", str(args.dim),
                     "--batch", str(args.batch), "--queue-size", str(args.queue_size),
-                    "--pool", str(args.pool),
+                    "--pool", str(args.pool), "--eigensolver", args.eigensolver,
                 ])
                 print(f"  {impl:16s} step RSS {mem['peak_extra_mib']:8.1f} MiB   "
                       f"set-up RSS {mem['state_mib']:8.1f} MiB   "
@@ -179,9 +186,13 @@ def run(args) -> None:
 def run_memory_only(args) -> None:
     device = torch.device(args.device)
     method = args.methods[0]
+    # "auto" times both eigensolvers once; do that before measuring so its
+    # temporaries do not count as set-up or step memory.
+    if args.memory_only == "fdpipe":
+        resolve_eigensolver(args.eigensolver, args.dim, device)
     before_setup = common.reset_peak_rss()
     loss, mixing = setup(method, args.memory_only, args.dim, args.pool, args.queue_size,
-                         args.beta, device)
+                         args.beta, device, args.eigensolver)
     step = make_step(args.memory_only, loss, mixing, args.batch, args.dim, device)
     step()
     before = common.reset_peak_rss()
@@ -205,6 +216,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pool", type=int, default=4096, help="features used to fill the EMA")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--eigensolver", choices=("auto", "torch", "tridiagonal"), default="auto",
+                        help="fdpipe's eigensolver (auto times both once and keeps the faster)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak extra RSS of a step in a fresh process")
     parser.add_argument("--memory-only", help=argparse.SUPPRESS)

@@ -23,6 +23,14 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from fdpipe.eigen import (
+    EigenError,
+    SymmetricEigen,
+    apply_spectral,
+    resolve_eigensolver,
+    symmetric_eigen,
+)
+
 log = logging.getLogger(__name__)
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -352,18 +360,23 @@ def frechet_distance_features(
 
 
 def _spectrum(
-    matrix: torch.Tensor, what: str, *, check_input: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (sqrt eigenvalues, eigenvectors, derivative weights) of a PSD matrix.
+    matrix: torch.Tensor, what: str, *, check_input: bool = True, eigensolver: str = "torch"
+) -> tuple[torch.Tensor, SymmetricEigen, torch.Tensor]:
+    """Return (sqrt eigenvalues, decomposition, derivative weights) of a PSD matrix.
 
     The derivative weight of eigenvalue l is 1 / (2 sqrt(max(l, floor))) with
     floor = EIGEN_FLOOR_REL * max eigenvalue. With ``check_input=False`` the
     caller has checked the inputs the matrix was built from, and NaN or Inf
-    that arise anyway are caught in the eigenvalues.
+    that arise anyway are caught in the eigenvalues. The ``tridiagonal``
+    solver overwrites ``matrix``.
     """
     if check_input and not bool(torch.isfinite(matrix).all()):
         raise StatisticsError(f"{what} contains NaN or Inf")
-    w, q = _eigh(matrix, what)
+    try:
+        eigen = symmetric_eigen(matrix, eigensolver, what)
+    except EigenError as err:
+        raise StatisticsError(str(err)) from err
+    w = eigen.values
     if not bool(torch.isfinite(w).all()):
         raise StatisticsError(f"{what} contains NaN or Inf (non-finite eigenvalues)")
     top = float(w[-1])
@@ -375,7 +388,7 @@ def _spectrum(
     w = _zero_roundoff(w, what)
     floor = EIGEN_FLOOR_REL * top
     weights = 0.5 / w.clamp_min(floor).sqrt()
-    return w.sqrt(), q, weights
+    return w.sqrt(), eigen, weights
 
 
 class _TraceSqrtPSD(torch.autograd.Function):
@@ -384,7 +397,8 @@ class _TraceSqrtPSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, matrix: torch.Tensor) -> torch.Tensor:
         sym = 0.5 * (matrix + matrix.T)
-        roots, q, weights = _spectrum(sym, "population covariance seen through R S R")
+        roots, eigen, weights = _spectrum(sym, "population covariance seen through R S R")
+        (q,) = eigen.tensors
         ctx.save_for_backward(q, weights)
         return roots.sum()
 
@@ -396,37 +410,43 @@ class _TraceSqrtPSD(torch.autograd.Function):
 
 
 class _TraceSqrtLowRank(torch.autograd.Function):
-    """tr(M^{1/2}) for M = s * base + coef Y^T Y - c c^T, with base held fixed.
+    """tr(M^{1/2}) for M = s * second_moment - c c^T.
 
-    Only Y (B x d) and c (d) carry gradients. The backward pass applies
-    Q diag(weights) Q^T to them in O(B d^2), never forming a d x d product.
+    ``second_moment`` is detached and already holds the batch factor Y, so
+    that Y enters M as coef * Y^T Y; Y and c carry the gradients. The
+    backward pass applies Q diag(weights) Q^T to the B + 1 rows of Y and c
+    in O(B d^2).
     """
 
     @staticmethod
-    def forward(ctx, base, base_scale: float, factor, coef: float, centre):
+    def forward(ctx, second_moment, scale: float, factor, coef: float, centre, solver: str):
         for name, tensor in (("batch factor", factor), ("population mean", centre)):
             if not bool(torch.isfinite(tensor).all()):
                 raise StatisticsError(f"{name} contains NaN or Inf")
-        matrix = torch.addmm(base, factor.T, factor, beta=base_scale, alpha=coef)
-        matrix.addr_(centre, centre, alpha=-1.0)
-        roots, q, weights = _spectrum(
-            matrix, "population covariance seen through R S R", check_input=False
+        matrix = torch.addr(second_moment, centre, centre, beta=scale, alpha=-1.0)
+        roots, eigen, weights = _spectrum(
+            matrix,
+            "population covariance seen through R S R",
+            check_input=False,
+            eigensolver=solver,
         )
-        ctx.save_for_backward(q, weights, factor, centre)
+        ctx.save_for_backward(weights, factor, centre, *eigen.tensors)
         ctx.coef = coef
+        ctx.solver = eigen.solver
         return roots.sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        q, weights, factor, centre = ctx.saved_tensors
+        weights, factor, centre, *tensors = ctx.saved_tensors
+        rows = torch.cat([factor, centre[None, :]])
+        applied = apply_spectral(ctx.solver, tuple(tensors), rows, weights)
         grad_factor = grad_centre = None
         if ctx.needs_input_grad[2]:
-            grad_factor = (2.0 * ctx.coef) * (((factor @ q) * weights) @ q.T)
-            grad_factor = grad_output * grad_factor
+            grad_factor = (2.0 * ctx.coef) * grad_output * applied[:-1]
         if ctx.needs_input_grad[4]:
-            grad_centre = -2.0 * grad_output * (((centre @ q) * weights) @ q.T)
-        return None, None, grad_factor, None, grad_centre
+            grad_centre = -2.0 * grad_output * applied[-1]
+        return None, None, grad_factor, None, grad_centre, None
 
 
 def trace_sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
@@ -440,17 +460,22 @@ def trace_sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def trace_sqrt_lowrank(
-    base: torch.Tensor,
+    second_moment: torch.Tensor,
     factor: torch.Tensor,
     coef: float,
     centre: torch.Tensor,
-    base_scale: float = 1.0,
+    scale: float = 1.0,
+    eigensolver: str = "auto",
 ) -> torch.Tensor:
-    """Return tr((s * base + coef Y^T Y - c c^T)^{1/2}) with gradients for Y and c.
+    """Return tr((s * second_moment - c c^T)^{1/2}) with gradients for Y and c.
 
-    ``base`` (d x d) is treated as a constant and s is ``base_scale``. Cost:
-    one symmetric eigendecomposition plus O(B d^2) for a factor Y of B rows.
+    ``second_moment`` (d x d) is treated as a constant that already contains
+    the batch factor Y (B x d), so that Y enters the matrix as coef * Y^T Y,
+    as the estimators of ``fdpipe.stats`` build it; s is ``scale``. The gradient reaches Y through
+    that term and c through -c c^T. Cost: one symmetric eigendecomposition
+    plus O(B d^2). ``eigensolver`` is one of ``fdpipe.eigen.EIGENSOLVERS``.
     """
+    solver = resolve_eigensolver(eigensolver, second_moment.shape[0], second_moment.device)
     return _TraceSqrtLowRank.apply(
-        base.detach(), float(base_scale), factor, float(coef), centre
+        second_moment.detach(), float(scale), factor, float(coef), centre, solver
     )

@@ -13,8 +13,11 @@ recomputed.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from fdpipe.eigen import EIGENSOLVERS, resolve_eigensolver
 from fdpipe.frechet import (
     EIGEN_FLOOR_REL,
     StatisticsError,
@@ -22,6 +25,8 @@ from fdpipe.frechet import (
     trace_sqrt_psd,
 )
 from fdpipe.stats import EMAStatistics, GaussianStats, ProjectedPopulation, QueueStatistics
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EIGEN_FLOOR_REL",
@@ -70,19 +75,23 @@ def differentiable_fd(
     return _check_fd(fd)
 
 
-def projected_fd(population: ProjectedPopulation, ref: ReferenceTensors) -> torch.Tensor:
+def projected_fd(
+    population: ProjectedPopulation, ref: ReferenceTensors, *, eigensolver: str = "auto"
+) -> torch.Tensor:
     """Return FD(population, reference) from statistics already seen through R.
 
     One eigendecomposition plus O(B d^2); gradients reach the batch through
-    the population's factor, centre, mean and trace.
+    the population's factor, centre, mean and trace. ``eigensolver`` is one
+    of ``fdpipe.eigen.EIGENSOLVERS``.
     """
     diff = population.mean - ref.mu
     trace_sqrt = trace_sqrt_lowrank(
-        population.base,
+        population.second_moment,
         population.factor,
         population.coef,
         population.centre,
-        base_scale=population.base_scale,
+        scale=population.scale,
+        eigensolver=eigensolver,
     )
     fd = diff @ diff + population.trace + ref.trace_sigma - 2.0 * trace_sqrt
     return _check_fd(fd)
@@ -100,10 +109,19 @@ class FDLoss(torch.nn.Module):
         queue_size: int = 0,
         weights: dict[str, float] | None = None,
         eps: float = 1e-8,
+        eigensolver: str = "auto",
     ):
         super().__init__()
         if not references:
             raise ValueError("FDLoss needs at least one reference space")
+        if eigensolver not in EIGENSOLVERS:
+            raise ValueError(
+                f"unknown eigensolver '{eigensolver}'; use one of {list(EIGENSOLVERS)}"
+            )
+        self.eigensolver = eigensolver
+        # Concrete solver per space, chosen at the first forward pass or
+        # restored from a checkpoint (see get_extra_state).
+        self.solvers: dict[str, str] = {}
         unknown = sorted(set(weights or {}) - set(references))
         if unknown:
             raise ValueError(f"weights given for unknown space(s) {unknown}; spaces: {sorted(references)}")
@@ -119,10 +137,26 @@ class FDLoss(torch.nn.Module):
                     ref.dim, beta, projection=root, keep_second_moment=False
                 )
             elif method == "queue":
-                estimators[space] = QueueStatistics(ref.dim, queue_size, projection=root)
+                estimators[space] = QueueStatistics(
+                    ref.dim, queue_size, projection=root, keep_second_moment=False
+                )
             else:
                 raise ValueError(f"unknown statistics method '{method}'; use 'ema' or 'queue'")
         self.estimators = torch.nn.ModuleDict(estimators)
+
+    def get_extra_state(self) -> dict:
+        return {"eigensolvers": dict(self.solvers)}
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = dict((state or {}).get("eigensolvers", {}))
+        if self.eigensolver == "auto":
+            self.solvers = {s: v for s, v in saved.items() if s in self.spaces}
+
+    def _solver(self, space: str, x: torch.Tensor) -> str:
+        if space not in self.solvers:
+            self.solvers[space] = resolve_eigensolver(self.eigensolver, x.shape[-1], x.device)
+            log.info("space '%s': eigensolver %s", space, self.solvers[space])
+        return self.solvers[space]
 
     def _features(self, features: dict[str, torch.Tensor], space: str) -> torch.Tensor:
         if space not in features:
@@ -144,7 +178,9 @@ class FDLoss(torch.nn.Module):
             x = self._features(features, space)
             try:
                 population = self.estimators[space].projected_population(x)
-                fd = projected_fd(population, self.refs[space])
+                fd = projected_fd(
+                    population, self.refs[space], eigensolver=self._solver(space, x)
+                )
             except StatisticsError as err:
                 raise StatisticsError(f"space '{space}': {err}") from err
             values[space] = float(fd.detach())

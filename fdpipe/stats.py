@@ -198,19 +198,48 @@ def _root_matches(root: np.ndarray, sigma: np.ndarray) -> bool:
 class ProjectedPopulation:
     """Population statistics seen through a reference root R.
 
-    R S R = base_scale * base + coef * factor^T factor - centre centre^T,
-    where S is the population covariance. Only ``factor``, ``centre``,
-    ``mean`` and ``trace`` depend on the current batch. ``base`` is detached
-    state, passed unscaled so that no d x d copy is made for the scaling.
+    R S R = scale * second_moment - centre centre^T, where S is the
+    population covariance. ``second_moment`` is detached and already holds
+    the current batch, which enters R S R as coef * factor^T factor;
+    ``factor`` and ``centre`` carry the gradient to the batch, as do
+    ``mean`` and ``trace``.
     """
 
     mean: torch.Tensor  # [d] population mean
     trace: torch.Tensor  # [] tr(S)
-    base: torch.Tensor  # [d, d] detached
+    second_moment: torch.Tensor  # [d, d] detached, batch included
     factor: torch.Tensor  # [B, d] (x - shift) R
     coef: float
     centre: torch.Tensor  # [d] R (mean - shift)
-    base_scale: float = 1.0
+    scale: float = 1.0
+
+
+class _PendingState:
+    """The projected second moment a batch leads to, kept from the loss to the update.
+
+    ``projected_population`` computes it anyway; ``update`` with the same
+    batch then copies it instead of repeating the two B x d x d products.
+    The batch is compared by value, so any other batch is recomputed.
+    """
+
+    def __init__(self):
+        self.batch: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def keep(self, batch: torch.Tensor, value: torch.Tensor) -> None:
+        self.batch = batch.detach().clone()
+        self.value = value
+
+    def take(self, batch: torch.Tensor) -> torch.Tensor | None:
+        hit = (
+            self.batch is not None
+            and self.batch.shape == batch.shape
+            and self.batch.device == batch.device
+            and bool(torch.equal(self.batch, batch))
+        )
+        value = self.value if hit else None
+        self.batch = self.value = None
+        return value
 
 
 def _batch_float64(x: torch.Tensor, dim: int, what: str) -> torch.Tensor:
@@ -272,11 +301,17 @@ class EMAStatistics(torch.nn.Module):
             self.register_buffer("projected_m2", torch.zeros_like(root))
         else:
             self.projection = None
+        self._pending = _PendingState()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._pending = _PendingState()
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def fill(self, features: torch.Tensor) -> None:
         """Initialise from features of samples of the generator being trained."""
         x = _batch_float64(features.detach(), self.dim, "EMA fill")
+        self._pending = _PendingState()
         if x.shape[0] < 2:
             raise StatisticsError(f"EMA fill needs at least 2 feature vectors, got {x.shape[0]}")
         self.shift.copy_(x.mean(0))
@@ -326,31 +361,40 @@ class EMAStatistics(torch.nn.Module):
             + (1.0 - b) * (z * z).sum() / batch
             - deviation @ deviation
         )
+        factor = z @ self.projection
+        second_moment = self._next_projected_m2(factor.detach(), batch)
+        self._pending.keep(x, second_moment)
         return ProjectedPopulation(
             mean=mu,
             trace=trace,
-            base=self.projected_m2,
-            factor=z @ self.projection,
+            second_moment=second_moment,
+            factor=factor,
             coef=(1.0 - b) / batch,
             centre=deviation @ self.projection,
-            base_scale=b,
         )
+
+    def _next_projected_m2(self, projected: torch.Tensor, batch: int) -> torch.Tensor:
+        """b R M2 R + (1 - b) Y^T Y / B for the projected, shifted batch Y."""
+        b = self.beta
+        return torch.addmm(self.projected_m2, projected.T, projected, beta=b, alpha=(1.0 - b) / batch)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold the detached batch into the EMA; O(B d^2)."""
+        """Fold the detached batch into the EMA; O(B d^2), less after the loss saw x."""
         self._check_filled()
         x = _batch_float64(x.detach(), self.dim, "EMA update")
         b = self.beta
         batch = x.shape[0]
         z = x - self.shift
+        pending = self._pending.take(x)
         self.mu.mul_(b).add_(x.mean(0), alpha=1.0 - b)
         if self.m2 is not None:
             self.m2.mul_(b).addmm_(z.T, z, alpha=(1.0 - b) / batch)
         self.m2_diagonal.mul_(b).add_((z * z).mean(0), alpha=1.0 - b)
         if self.projection is not None:
-            y = z @ self.projection
-            self.projected_m2.mul_(b).addmm_(y.T, y, alpha=(1.0 - b) / batch)
+            if pending is None:
+                pending = self._next_projected_m2(z @ self.projection, batch)
+            self.projected_m2.copy_(pending)
 
 
 def _check_projection(projection: torch.Tensor, dim: int) -> torch.Tensor:
@@ -371,20 +415,35 @@ class QueueStatistics(torch.nn.Module):
     statistics only.
 
     With ``projection`` R the module also keeps R (sum z z^T) R, updated in
-    O(B d^2) per step, for ``projected_population``.
+    O(B d^2) per step, for ``projected_population``. With
+    ``keep_second_moment=False`` (only allowed with a projection) the d x d
+    sum of z z^T is replaced by its diagonal, and ``population`` is
+    unavailable.
     """
 
-    def __init__(self, dim: int, size: int, projection: torch.Tensor | None = None):
+    def __init__(
+        self,
+        dim: int,
+        size: int,
+        projection: torch.Tensor | None = None,
+        keep_second_moment: bool = True,
+    ):
         super().__init__()
         if size < 0:
             raise ValueError(f"queue size must be >= 0, got {size}")
+        if projection is None and not keep_second_moment:
+            raise ValueError("keep_second_moment=False needs a projection")
         self.dim = int(dim)
         self.size = int(size)
         self.register_buffer("buffer", torch.zeros(self.size, dim, dtype=torch.float64))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("shift", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("sum1", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("sum2", torch.zeros(dim, dim, dtype=torch.float64))
+        self.register_buffer("sum_squares", torch.zeros(dim, dtype=torch.float64))
+        if keep_second_moment:
+            self.register_buffer("sum2", torch.zeros(dim, dim, dtype=torch.float64))
+        else:
+            self.sum2 = None
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
         if projection is not None:
             root = _check_projection(projection, dim)
@@ -392,6 +451,11 @@ class QueueStatistics(torch.nn.Module):
             self.register_buffer("projected_sum2", torch.zeros_like(root))
         else:
             self.projection = None
+        self._pending = _PendingState()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._pending = _PendingState()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _slots(self, b: int) -> torch.Tensor:
         return (self.pointer + torch.arange(b, device=self.buffer.device)) % self.size
@@ -400,6 +464,7 @@ class QueueStatistics(torch.nn.Module):
     def fill(self, features: torch.Tensor) -> None:
         """Fill the queue with the last ``size`` rows of features."""
         x = _batch_float64(features.detach(), self.dim, "queue fill")
+        self._pending = _PendingState()
         if self.size == 0:
             self.filled.fill_(True)
             return
@@ -418,9 +483,12 @@ class QueueStatistics(torch.nn.Module):
     def _recompute(self) -> None:
         z = self.buffer - self.shift
         self.sum1.copy_(z.sum(0))
-        self.sum2.copy_(z.T @ z)
+        self.sum_squares.copy_((z * z).sum(0))
+        sum2 = z.T @ z
+        if self.sum2 is not None:
+            self.sum2.copy_(sum2)
         if self.projection is not None:
-            self.projected_sum2.copy_(self.projection @ self.sum2 @ self.projection)
+            self.projected_sum2.copy_(self.projection @ sum2 @ self.projection)
 
     def _check_ready(self, b: int) -> None:
         if not bool(self.filled):
@@ -430,6 +498,11 @@ class QueueStatistics(torch.nn.Module):
 
     def population(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mean, covariance) of the queue with its oldest B entries replaced by x."""
+        if self.sum2 is None:
+            raise RuntimeError(
+                "population() needs the full second moment; construct QueueStatistics "
+                "with keep_second_moment=True or use projected_population()"
+            )
         x = _batch_float64(x, self.dim, "queue population")
         b = x.shape[0]
         self._check_ready(b)
@@ -455,29 +528,38 @@ class QueueStatistics(torch.nn.Module):
         if self.size == 0:
             mean = x.mean(0)
             centred = x - mean
+            factor = centred @ root
             return ProjectedPopulation(
                 mean=mean,
                 trace=(centred * centred).sum() / b,
-                base=torch.zeros_like(root),
-                factor=centred @ root,
+                second_moment=factor.detach().T @ factor.detach(),
+                factor=factor,
                 coef=1.0 / b,
                 centre=torch.zeros_like(mean),
+                scale=1.0 / b,
             )
         z = x - self.shift
         old = self.buffer[self._slots(b)] - self.shift
-        old_projected = old @ root
         n = self.size
         deviation = (self.sum1 - old.sum(0) + z.sum(0)) / n
-        total_sq = torch.diagonal(self.sum2).sum() - (old * old).sum() + (z * z).sum()
+        total_sq = self.sum_squares.sum() - (old * old).sum() + (z * z).sum()
+        factor = z @ root
+        second_moment = self._next_projected_sum2(old @ root, factor.detach())
+        self._pending.keep(x, second_moment)
         return ProjectedPopulation(
             mean=self.shift + deviation,
             trace=total_sq / n - deviation @ deviation,
-            base=torch.addmm(self.projected_sum2, old_projected.T, old_projected, alpha=-1.0),
-            factor=z @ root,
+            second_moment=second_moment,
+            factor=factor,
             coef=1.0 / n,
             centre=deviation @ root,
-            base_scale=1.0 / n,
+            scale=1.0 / n,
         )
+
+    def _next_projected_sum2(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """R (sum z z^T) R with the projected rows ``old`` swapped for ``new``."""
+        swapped = torch.addmm(self.projected_sum2, old.T, old, alpha=-1.0)
+        return swapped.addmm_(new.T, new)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -486,17 +568,20 @@ class QueueStatistics(torch.nn.Module):
             return
         x = _batch_float64(x.detach(), self.dim, "queue update")
         self._check_ready(x.shape[0])
+        pending = self._pending.take(x)
         slots = self._slots(x.shape[0])
         z = x - self.shift
         old = self.buffer[slots] - self.shift
         self.sum1.add_(z.sum(0) - old.sum(0))
-        self.sum2.addmm_(z.T, z).addmm_(old.T, old, alpha=-1.0)
-        if self.projection is not None:
-            y = z @ self.projection
-            y_old = old @ self.projection
-            self.projected_sum2.addmm_(y.T, y).addmm_(y_old.T, y_old, alpha=-1.0)
+        self.sum_squares.add_((z * z).sum(0) - (old * old).sum(0))
+        if self.sum2 is not None:
+            self.sum2.addmm_(z.T, z).addmm_(old.T, old, alpha=-1.0)
         self.buffer[slots] = x
         new_pointer = int(self.pointer) + x.shape[0]
         if new_pointer >= self.size:
             self._recompute()
+        elif self.projection is not None:
+            if pending is None:
+                pending = self._next_projected_sum2(old @ self.projection, z @ self.projection)
+            self.projected_sum2.copy_(pending)
         self.pointer.fill_(new_pointer % self.size)

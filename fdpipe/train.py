@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fdpipe.distributed import DistContext
 from fdpipe.ema import ModelEMA
 from fdpipe.frechet import StatisticsError
+from fdpipe.eigen import resolve_eigensolver
 from fdpipe.loss import FDLoss
 from fdpipe.spaces import FeatureSpace
 from fdpipe.stats import GaussianStats
@@ -65,6 +66,7 @@ class FinetuneConfig:
     method: str = "ema"
     beta: float = 0.999
     queue_size: int = 0
+    eigensolver: str = "auto"
     fill_samples: int = 2048
     weight_ema: float = 0.999
     guidance_scale: float = 1.0
@@ -346,8 +348,11 @@ def finetune(generator: torch.nn.Module, spaces: dict[str, FeatureSpace],
     generator = generator.to(device).train()
     for space in spaces.values():
         space.to(device)
+    # Fails here, before any sampling, for a CPU-only solver on a GPU.
+    resolve_eigensolver(cfg.eigensolver, 1, device)
     fd_loss = FDLoss({s: references[s] for s in cfg.spaces}, method=cfg.method, beta=cfg.beta,
-                     queue_size=cfg.queue_size, weights=cfg.weights).to(device)
+                     queue_size=cfg.queue_size, weights=cfg.weights,
+                     eigensolver=cfg.eigensolver).to(device)
     sampler = OneStepSampler(generator, cfg, device, rank=dist.rank,
                              path=_sampling_path(generator, cfg, device, dist))
     optimizer = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=cfg.adam_betas)

@@ -8,7 +8,7 @@ import torch
 
 from fdpipe.frechet import StatisticsError, frechet_distance
 from fdpipe.loss import FDLoss, ReferenceTensors, differentiable_fd, projected_fd
-from fdpipe.stats import EMAStatistics, GaussianStats
+from fdpipe.stats import EMAStatistics, GaussianStats, QueueStatistics
 
 
 def _reference(rng: np.random.Generator, d: int, rank: int | None = None) -> GaussianStats:
@@ -17,12 +17,21 @@ def _reference(rng: np.random.Generator, d: int, rank: int | None = None) -> Gau
     return GaussianStats.from_features(x, space="demo")
 
 
-def _loss(ref: GaussianStats, method: str, pool: torch.Tensor, full: bool = True) -> FDLoss:
-    """FDLoss whose EMA keeps the full second moment (so tests can call population)."""
-    loss = FDLoss({"demo": ref}, method=method, beta=0.7, queue_size=12)
-    if method == "ema" and full:
+def _loss(
+    ref: GaussianStats,
+    method: str,
+    pool: torch.Tensor,
+    full: bool = True,
+    eigensolver: str = "auto",
+) -> FDLoss:
+    """FDLoss whose estimator keeps the full second moment (so tests can call population)."""
+    loss = FDLoss({"demo": ref}, method=method, beta=0.7, queue_size=12, eigensolver=eigensolver)
+    if full:
         root = loss.refs["demo"].sqrt_sigma
-        loss.estimators["demo"] = EMAStatistics(ref.dim, 0.7, projection=root)
+        if method == "ema":
+            loss.estimators["demo"] = EMAStatistics(ref.dim, 0.7, projection=root)
+        else:
+            loss.estimators["demo"] = QueueStatistics(ref.dim, 12, projection=root)
     loss.fill({"demo": pool})
     return loss
 
@@ -68,9 +77,10 @@ def test_loss_matches_float_fd(method):
         loss.update({"demo": x})
 
 
+@pytest.mark.parametrize("eigensolver", ["torch", "tridiagonal"])
 @pytest.mark.parametrize("method", ["ema", "queue"])
 @pytest.mark.parametrize("case", ["full_rank", "rank_deficient_reference", "subspace_population"])
-def test_gradcheck_through_statistics(method, case):
+def test_gradcheck_through_statistics(method, case, eigensolver):
     rng = np.random.default_rng(1)
     d = 6
     ref = _reference(rng, d, rank=3 if case == "rank_deficient_reference" else None)
@@ -80,12 +90,11 @@ def test_gradcheck_through_statistics(method, case):
         basis = rng.standard_normal((d, 3))
         pool = pool[:, :3] @ basis.T
         batch = batch[:, :3] @ basis.T
-    loss = _loss(ref, method, torch.tensor(pool))
+    loss = _loss(ref, method, torch.tensor(pool), eigensolver=eigensolver)
     x = torch.tensor(batch, requires_grad=True)
 
     population = loss.estimators["demo"].projected_population(x.detach())
-    matrix = population.base_scale * population.base
-    matrix = matrix + population.coef * population.factor.T @ population.factor
+    matrix = population.scale * population.second_moment
     matrix = matrix - torch.outer(population.centre, population.centre)
     smallest = torch.linalg.eigvalsh(matrix)[0].abs()
     if case != "full_rank":

@@ -151,9 +151,7 @@ def test_projected_population_matches_full(kind):
         x = torch.tensor(rng.standard_normal((3, d)) + 3.0)
         mu, sigma = est.population(x)
         pop = est.projected_population(x)
-        projected = pop.base_scale * pop.base + pop.coef * pop.factor.T @ pop.factor - torch.outer(
-            pop.centre, pop.centre
-        )
+        projected = pop.scale * pop.second_moment - torch.outer(pop.centre, pop.centre)
         torch.testing.assert_close(projected, root @ sigma @ root, rtol=0, atol=1e-12)
         torch.testing.assert_close(pop.mean, mu, rtol=0, atol=1e-12)
         torch.testing.assert_close(pop.trace, torch.diagonal(sigma).sum(), rtol=1e-12, atol=0)
@@ -181,8 +179,45 @@ def test_state_dict_round_trip(kind):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     projected_copy = copy.projected_population(x)
     projected = est.projected_population(x)
-    assert projected_copy.base.equal(projected.base)
-    assert projected_copy.base_scale == projected.base_scale
+    assert projected_copy.second_moment.equal(projected.second_moment)
+    assert projected_copy.scale == projected.scale
+
+
+@pytest.mark.parametrize("kind", ["ema", "queue"])
+def test_update_after_loss_reuses_projected_moment_exactly(kind):
+    # update(x) after projected_population(x) copies the second moment the
+    # loss computed; the result must be bitwise what a fresh update gives,
+    # also across the queue's wrap-around, and a different batch must not
+    # pick up the kept value.
+    rng = np.random.default_rng(8)
+    d = 7
+    root = torch.tensor(psd_sqrt(np.cov(rng.standard_normal((40, d)), rowvar=False)))
+
+    def make():
+        if kind == "ema":
+            return EMAStatistics(d, 0.8, projection=root, keep_second_moment=False)
+        return QueueStatistics(d, 9, projection=root, keep_second_moment=False)
+
+    pool = torch.tensor(rng.standard_normal((20, d)))
+    seen, fresh = make(), make()
+    seen.fill(pool)
+    fresh.fill(pool)
+    for step in range(8):
+        x = torch.tensor(rng.standard_normal((4, d)))
+        seen.projected_population(x)
+        if step == 3:
+            # the loss saw one batch, the update gets another
+            x = torch.tensor(rng.standard_normal((4, d)))
+        seen.update(x)
+        fresh.update(x)
+        for name, value in fresh.state_dict().items():
+            assert torch.equal(seen.state_dict()[name], value), (step, name)
+        reference = make()
+        reference.load_state_dict(fresh.state_dict())
+        expected = reference.projected_population(x).second_moment
+        torch.testing.assert_close(
+            seen.projected_population(x).second_moment, expected, rtol=0, atol=0
+        )
 
 
 def test_estimator_errors():
