@@ -43,7 +43,7 @@ AUTO_MIN_DIM = 512
 
 
 class EigenError(ValueError):
-    """Raised when a symmetric eigendecomposition fails or meets NaN or Inf."""
+    """Raised when a symmetric eigendecomposition fails or finds NaN or Inf."""
 
 
 @dataclass

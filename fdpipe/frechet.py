@@ -18,6 +18,7 @@ square root at small eigenvalues (see ``EIGEN_FLOOR_REL``).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -61,6 +62,10 @@ ACCURACY_REL = 1e-12
 
 # Row blocks used to form only the lower triangle of R S R (see _sandwich_lower).
 _SANDWICH_BLOCKS = 8
+
+# Column blocks of the triangular sandwich (CovarianceFactor.sandwich_lower);
+# 12 was the fastest of 4 to 24 at d = 2048 on one core.
+_FACTOR_BLOCKS = 12
 
 
 class StatisticsError(ValueError):
@@ -193,25 +198,112 @@ def _sandwich_lower(root: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def trace_sqrt_product(
-    sigma1: np.ndarray, sqrt_sigma2: np.ndarray, *, scale: float | None = None
-) -> float:
-    """Return tr((sigma1 sigma2)^{1/2}) given the PSD root R of sigma2.
+@dataclass(frozen=True)
+class CovarianceFactor:
+    """A factor F of a covariance, F F^T = sigma, for the trace term.
 
-    The fast path takes the eigenvalues of R sigma1 R. Each carries an
+    Usually a Cholesky factor: ``matrix`` is lower triangular (trapezoidal,
+    d x r, for a pivoted factor of rank r) and F = P ``matrix`` with P the
+    row permutation ``perm`` (None for no pivoting). F^T S1 F has the
+    nonzero eigenvalues of S1 sigma, and its triangular structure makes it
+    cheaper to form than R S1 R with the dense root R. When the
+    factorisation cannot be trusted, ``matrix`` is the symmetric PSD root
+    and ``triangular`` is False.
+    """
+
+    matrix: torch.Tensor
+    perm: np.ndarray | None = None
+    triangular: bool = True
+
+    @classmethod
+    def from_covariance(cls, sigma: np.ndarray, *, name: str = "covariance") -> "CovarianceFactor":
+        """Factor a symmetric PSD covariance; raise StatisticsError if indefinite.
+
+        Tries LAPACK's Cholesky (dpotrf), then the pivoted one (dpstrf), which
+        stops at the numerical rank. By Weyl's inequality, the norm of the
+        remainder that the pivoted factor leaves out bounds how far sigma can
+        be from PSD. When that norm exceeds INDEFINITE_REL_TOL of the largest
+        variance, an eigendecomposition decides: it names a negative
+        eigenvalue or returns the symmetric root as the factor.
+        """
+        sigma = np.ascontiguousarray(_as_float64(sigma, name))
+        matrix = torch.from_numpy(sigma)
+        lower, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) == 0:
+            return cls(lower)
+        packed, pivots, rank, info = scipy.linalg.lapack.dpstrf(sigma, lower=1, tol=-1.0)
+        if info < 0:
+            raise StatisticsError(f"{name}: pivoted Cholesky failed: invalid argument {-info}")
+        perm = pivots - 1
+        factor = torch.from_numpy(np.tril(packed)[:, :rank].copy())
+        permuted = matrix[perm][:, perm]
+        remainder = permuted[rank:, rank:] - factor[rank:] @ factor[rank:].T
+        largest = float(torch.diagonal(matrix).abs().max()) if sigma.size else 0.0
+        if float(torch.linalg.matrix_norm(remainder)) > INDEFINITE_REL_TOL * largest:
+            return cls(torch.from_numpy(psd_sqrt(sigma, name=name)), None, False)
+        return cls(factor, perm, True)
+
+    @property
+    def rank(self) -> int:
+        return int(self.matrix.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """Return F as a d x r matrix."""
+        if self.perm is None:
+            return self.matrix
+        out = torch.zeros_like(self.matrix)
+        out[torch.from_numpy(self.perm)] = self.matrix
+        return out
+
+    def sandwich_lower(self, sigma1: torch.Tensor) -> torch.Tensor:
+        """Return an r x r matrix whose lower triangle is that of F^T sigma1 F."""
+        if not self.triangular:
+            return _sandwich_lower(self.matrix, sigma1)
+        if self.perm is not None:
+            index = torch.from_numpy(self.perm).to(sigma1.device)
+            sigma1 = sigma1[index][:, index]
+        lower = self.matrix
+        d, r = lower.shape
+        # Column block [a, b) of the lower-trapezoidal factor is zero above
+        # row a, and the lower triangle of the result needs columns < b only:
+        # about 0.8 of one d x d x d product instead of 1.55 for R S1 R.
+        half = lower.new_empty(d, r)
+        out = lower.new_empty(r, r)
+        edges = np.linspace(0, r, min(_FACTOR_BLOCKS, max(r, 1)) + 1).astype(int)
+        for a, b in zip(edges[:-1], edges[1:]):
+            half[:, a:b] = sigma1[:, a:] @ lower[a:, a:b]
+        for a, b in zip(edges[:-1], edges[1:]):
+            out[a:b, :b] = lower[a:, a:b].T @ half[a:, :b]
+        return out
+
+
+def trace_sqrt_product(
+    sigma1: np.ndarray,
+    sqrt_sigma2: np.ndarray | CovarianceFactor,
+    *,
+    scale: float | None = None,
+) -> float:
+    """Return tr((sigma1 sigma2)^{1/2}) given a factor F of sigma2, F F^T = sigma2.
+
+    ``sqrt_sigma2`` is the PSD root R of sigma2 or a ``CovarianceFactor``.
+    The fast path takes the eigenvalues of F^T sigma1 F. Each carries an
     absolute error of about delta = eps * max eigenvalue, which the square
     root turns into up to sqrt(delta) near zero. The errors are estimated as
     the root-sum-square of sqrt(l + delta) - sqrt(l - delta) over the
     eigenvalues l. When that exceeds ACCURACY_REL * ``scale`` (default: the
     trace term itself), the trace term is recomputed as the sum of singular
-    values of G^T R, with G a pivoted Cholesky factor of sigma1. Singular
+    values of G^T F, with G a pivoted Cholesky factor of sigma1. Singular
     values carry absolute errors of about eps * max singular value, with no
     square root in between. Raises StatisticsError when sigma1 is indefinite.
     """
     s1 = torch.from_numpy(np.ascontiguousarray(sigma1, dtype=np.float64))
-    root = torch.from_numpy(np.ascontiguousarray(sqrt_sigma2, dtype=np.float64))
-    w = _eigvalsh(_sandwich_lower(root, s1), "R S1 R")
-    w = _zero_roundoff(w, "first covariance (seen through R S1 R, R = second root)")
+    if isinstance(sqrt_sigma2, CovarianceFactor):
+        factor = sqrt_sigma2
+    else:
+        root = np.ascontiguousarray(sqrt_sigma2, dtype=np.float64)
+        factor = CovarianceFactor(torch.from_numpy(root), None, False)
+    w = _eigvalsh(factor.sandwich_lower(s1), "F^T S1 F")
+    w = _zero_roundoff(w, "first covariance (seen through F^T S1 F, F F^T = second)")
     value = float(w.sqrt().sum())
     if w.numel() == 0:
         return value
@@ -224,11 +316,11 @@ def trace_sqrt_product(
         "trace term error estimate %.3g exceeds %.0e of %.3g; using singular values",
         error, ACCURACY_REL, value if scale is None else scale,
     )
-    return _trace_sqrt_singular(s1.numpy(), root)
+    return _trace_sqrt_singular(s1.numpy(), factor.dense())
 
 
-def _trace_sqrt_singular(sigma1: np.ndarray, root: torch.Tensor) -> float:
-    """Return tr((sigma1 R R)^{1/2}) as the nuclear norm of G^T R, G G^T = sigma1.
+def _trace_sqrt_singular(sigma1: np.ndarray, factor2: torch.Tensor) -> float:
+    """Return tr((sigma1 F F^T)^{1/2}) as the nuclear norm of G^T F, G G^T = sigma1.
 
     LAPACK's pivoted Cholesky (dpstrf) stops at the numerical rank r of
     sigma1 (trailing pivots below d eps max diag), so G is d x r and a
@@ -242,7 +334,7 @@ def _trace_sqrt_singular(sigma1: np.ndarray, root: torch.Tensor) -> float:
         return 0.0
     factor = np.zeros((d, rank))
     factor[pivots - 1] = np.tril(packed)[:, :rank]
-    singular = torch.linalg.svdvals(torch.from_numpy(factor).T @ root)
+    singular = torch.linalg.svdvals(torch.from_numpy(factor).T @ factor2)
     return float(singular.sum())
 
 
@@ -253,13 +345,15 @@ def frechet_distance(
     mu2: np.ndarray,
     sigma2: np.ndarray,
     sqrt_sigma2: np.ndarray | None = None,
+    factor2: CovarianceFactor | None = None,
 ) -> float:
     """Return the Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
-    All inputs are converted to float64. Pass ``sqrt_sigma2`` (the PSD root of
-    sigma2, see ``psd_sqrt``) to skip its decomposition when the second
-    Gaussian is a fixed reference. Raises StatisticsError on NaN or Inf,
-    mismatched shapes, and non-symmetric or indefinite covariances.
+    All inputs are converted to float64. When the second Gaussian is a fixed
+    reference, pass its ``CovarianceFactor`` as ``factor2`` (or its PSD root
+    from ``psd_sqrt`` as ``sqrt_sigma2``) to skip factoring sigma2 on every
+    call. Raises StatisticsError on NaN or Inf, mismatched shapes, and
+    non-symmetric or indefinite covariances.
     """
     mu1 = _as_float64(mu1, "first mean")
     mu2 = _as_float64(mu2, "second mean")
@@ -272,17 +366,23 @@ def frechet_distance(
             f"dimension mismatch: first statistics have d = {mu1.shape[0]}, "
             f"second have d = {mu2.shape[0]}"
         )
-    if sqrt_sigma2 is None:
-        sqrt_sigma2 = psd_sqrt(sigma2, name="second statistics")
-    else:
+    if factor2 is not None:
+        if factor2.matrix.shape[0] != sigma2.shape[0]:
+            raise StatisticsError(
+                f"factor2 has {factor2.matrix.shape[0]} rows, expected {sigma2.shape[0]}"
+            )
+    elif sqrt_sigma2 is not None:
         sqrt_sigma2 = _as_float64(sqrt_sigma2, "sqrt_sigma2")
         if sqrt_sigma2.shape != sigma2.shape:
             raise StatisticsError(
                 f"sqrt_sigma2 has shape {sqrt_sigma2.shape}, expected {sigma2.shape}"
             )
+        factor2 = CovarianceFactor(torch.from_numpy(sqrt_sigma2), None, False)
+    else:
+        factor2 = CovarianceFactor.from_covariance(sigma2, name="second statistics")
     diff = mu1 - mu2
     total = float(np.trace(sigma1) + np.trace(sigma2))
-    trace_term = trace_sqrt_product(sigma1, sqrt_sigma2, scale=0.5 * total)
+    trace_term = trace_sqrt_product(sigma1, factor2, scale=0.5 * total)
     fd = float(diff @ diff) + total - 2.0 * trace_term
     return _clip_negative(fd, total)
 

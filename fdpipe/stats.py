@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fdpipe.frechet import StatisticsError, frechet_distance, psd_sqrt
+from fdpipe.frechet import CovarianceFactor, StatisticsError, frechet_distance, psd_sqrt
 from fdpipe.store import atomic_path
 
 STATS_KEYS = ("mu", "sigma", "n")
@@ -114,10 +114,15 @@ class GaussianStats:
     def from_moments(cls, moments: Moments, **attrs: Any) -> "GaussianStats":
         return cls(moments.mean.copy(), moments.covariance(), moments.count, dict(attrs))
 
+    @cached_property
+    def factor(self) -> CovarianceFactor:
+        """Cholesky factor of sigma for the FD's trace term, computed once per object."""
+        return CovarianceFactor.from_covariance(self.sigma, name=self.attrs.get("space", "reference"))
+
     def frechet_distance_to(self, mu: np.ndarray, sigma: np.ndarray) -> float:
-        """Return FD(N(mu, sigma), self) using the cached root of self.sigma."""
+        """Return FD(N(mu, sigma), self) using the cached factor of self.sigma."""
         return frechet_distance(
-            mu1=mu, sigma1=sigma, mu2=self.mu, sigma2=self.sigma, sqrt_sigma2=self.sqrt_sigma
+            mu1=mu, sigma1=sigma, mu2=self.mu, sigma2=self.sigma, factor2=self.factor
         )
 
     def save(self, path: str | Path) -> None:
@@ -199,8 +204,8 @@ class ProjectedPopulation:
     """Population statistics seen through a reference root R.
 
     R S R = scale * second_moment - centre centre^T, where S is the
-    population covariance. ``second_moment`` is detached and already holds
-    the current batch, which enters R S R as coef * factor^T factor;
+    population covariance. ``second_moment`` is detached and already
+    contains the current batch, which enters R S R as coef * factor^T factor;
     ``factor`` and ``centre`` carry the gradient to the batch, as do
     ``mean`` and ``trace``.
     """
@@ -374,13 +379,13 @@ class EMAStatistics(torch.nn.Module):
         )
 
     def _next_projected_m2(self, projected: torch.Tensor, batch: int) -> torch.Tensor:
-        """b R M2 R + (1 - b) Y^T Y / B for the projected, shifted batch Y."""
+        """Return b R M2 R + (1 - b) Y^T Y / B for the projected, shifted batch Y."""
         b = self.beta
         return torch.addmm(self.projected_m2, projected.T, projected, beta=b, alpha=(1.0 - b) / batch)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold the detached batch into the EMA; O(B d^2), less after the loss saw x."""
+        """Fold the detached batch into the EMA in O(B d^2), less if the loss saw x."""
         self._check_filled()
         x = _batch_float64(x.detach(), self.dim, "EMA update")
         b = self.beta
@@ -557,7 +562,7 @@ class QueueStatistics(torch.nn.Module):
         )
 
     def _next_projected_sum2(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """R (sum z z^T) R with the projected rows ``old`` swapped for ``new``."""
+        """Return R (sum z z^T) R with the projected rows ``old`` swapped for ``new``."""
         swapped = torch.addmm(self.projected_sum2, old.T, old, alpha=-1.0)
         return swapped.addmm_(new.T, new)
 

@@ -11,6 +11,7 @@ from fdpipe.frechet import (
     StatisticsError,
     frechet_distance,
     frechet_distance_features,
+    CovarianceFactor,
     psd_sqrt,
     trace_sqrt_product,
     trace_sqrt_product_features,
@@ -133,14 +134,32 @@ def test_matches_scipy_sqrtm():
         assert got == pytest.approx(_fd_sqrtm(mu1, s1, mu2, s2), rel=1e-6)
 
 
-def test_cached_root_gives_same_value():
+@pytest.mark.parametrize("samples", [100, 12])
+def test_cached_factor_and_root_give_same_value(samples):
+    # 12 samples in 30 dimensions: the reference is rank-deficient and the
+    # pivoted Cholesky factor is 30 x 11.
     rng = np.random.default_rng(6)
     s1 = np.cov(rng.standard_normal((100, 30)), rowvar=False)
-    s2 = np.cov(rng.standard_normal((100, 30)) * 2.0, rowvar=False)
+    s2 = np.cov(rng.standard_normal((samples, 30)) * 2.0, rowvar=False)
     mu = np.zeros(30)
     plain = frechet_distance(mu1=mu, sigma1=s1, mu2=mu, sigma2=s2)
-    cached = frechet_distance(mu1=mu, sigma1=s1, mu2=mu, sigma2=s2, sqrt_sigma2=psd_sqrt(s2))
+    factor = CovarianceFactor.from_covariance(s2)
+    assert factor.triangular and factor.rank == min(samples - 1, 30)
+    cached = frechet_distance(mu1=mu, sigma1=s1, mu2=mu, sigma2=s2, factor2=factor)
     assert cached == plain
+    with_root = frechet_distance(mu1=mu, sigma1=s1, mu2=mu, sigma2=s2, sqrt_sigma2=psd_sqrt(s2))
+    assert with_root == pytest.approx(plain, rel=1e-13)
+    scipy_value = _fd_sqrtm(mu, s1, mu, s2)
+    assert plain == pytest.approx(scipy_value, rel=1e-8)
+
+
+def test_factor_of_indefinite_covariance_raises():
+    rng = np.random.default_rng(9)
+    q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    sigma = (q * np.array([3.0, 2.0, 1.0, 1.0, 0.5, 0.2, 0.1, -0.05])) @ q.T
+    sigma = 0.5 * (sigma + sigma.T)
+    with pytest.raises(StatisticsError, match="second statistics is indefinite"):
+        frechet_distance(mu1=np.zeros(8), sigma1=np.eye(8), mu2=np.zeros(8), sigma2=sigma)
 
 
 def test_psd_sqrt_of_rank_deficient():
