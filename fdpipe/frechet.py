@@ -1,18 +1,20 @@
 """Frechet distance between Gaussians, in float64, without complex matrix roots.
 
 FD(N(mu1, S1), N(mu2, S2)) = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}).
-The trace term equals the sum of the square roots of the eigenvalues of the
-symmetric matrix R S1 R with R = S2^{1/2}. R belongs to the reference
-statistics, so it is computed once and cached with them. Each distance then
-costs one matrix product and one symmetric eigenvalue decomposition.
-
-The decompositions run through torch, whose CPU wheels call MKL LAPACK: on the
-CPUs measured in benchmarks/BENCHMARKS.md its ``eigvalsh`` took less than half
-the time of the OpenBLAS one that numpy and scipy ship.
+For any factor F of S2 (F F^T = S2) the trace term is the sum of the square
+roots of the eigenvalues of the symmetric matrix F^T S1 F. fdpipe takes F
+as the Cholesky factor of S2 (``CovarianceFactor``): it belongs to the
+reference statistics, so it is computed once and cached with them, and its
+triangular shape makes F^T S1 F cost about 0.8 of one d x d x d product.
+Each distance then costs that product and one symmetric eigenvalue
+decomposition (``torch.linalg.eigvalsh``, MKL in torch's x86 wheels; on the
+Intel Xeon in benchmarks/BENCHMARKS.md it took less than half the time of
+the OpenBLAS one in numpy and scipy, on the AMD EPYC the same time).
 
 The module also holds the autograd functions behind the differentiable FD of
-``fdpipe.loss``. They return the exact trace term and cap the gradient of the
-square root at small eigenvalues (see ``EIGEN_FLOOR_REL``).
+``fdpipe.loss``. They use the symmetric root R of the reference, return the
+exact trace term and cap the gradient of the square root at small
+eigenvalues (see ``EIGEN_FLOOR_REL``).
 """
 
 from __future__ import annotations
