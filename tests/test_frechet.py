@@ -135,7 +135,7 @@ def test_matches_scipy_sqrtm():
 
 
 @pytest.mark.parametrize("samples", [100, 12])
-def test_cached_factor_and_root_give_same_value(samples):
+def test_cached_factor_matches_root(samples):
     # 12 samples in 30 dimensions: the reference is rank-deficient and the
     # pivoted Cholesky factor is 30 x 11.
     rng = np.random.default_rng(6)

@@ -184,11 +184,11 @@ def test_state_dict_round_trip(kind):
 
 
 @pytest.mark.parametrize("kind", ["ema", "queue"])
-def test_update_after_loss_reuses_projected_moment_exactly(kind):
-    # update(x) after projected_population(x) copies the second moment the
-    # loss computed; the result must be bitwise what a fresh update gives,
-    # also across the queue's wrap-around, and a different batch must not
-    # pick up the kept value.
+def test_update_reuses_loss_moment_exactly(kind):
+    # update(x) after projected_population(x) copies the second moment that
+    # the loss computed. The state must be bitwise what a fresh update gives,
+    # also across the queue's wrap-around. A different batch must not pick
+    # up the kept value.
     rng = np.random.default_rng(8)
     d = 7
     root = torch.tensor(psd_sqrt(np.cov(rng.standard_normal((40, d)), rowvar=False)))
