@@ -87,15 +87,32 @@ def symmetric_eigen(matrix: torch.Tensor, solver: str, what: str) -> SymmetricEi
     (``torch`` the lower one, ``tridiagonal`` the upper). Raises EigenError, naming ``what``, when
     LAPACK fails or the matrix holds NaN or Inf.
     """
+    if solver not in EIGENSOLVERS or solver == "auto":
+        raise ValueError(
+            f"unknown eigensolver '{solver}'; use 'torch' or 'tridiagonal' "
+            f"(resolve 'auto' with resolve_eigensolver first)"
+        )
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise EigenError(f"{what}: expected a square matrix, got shape {tuple(matrix.shape)}")
+    matrix = matrix.detach()
+    if matrix.shape[0] == 0:
+        empty = matrix.new_empty(0)
+        if solver == "torch":
+            return SymmetricEigen("torch", empty, (matrix.new_empty(0, 0),))
+        return SymmetricEigen(
+            "tridiagonal", empty, (matrix.new_empty(0, 0), empty, matrix.new_empty(0, 0))
+        )
     if solver == "torch":
         try:
             values, q = torch.linalg.eigh(matrix)
         except torch.linalg.LinAlgError as err:
+            if not bool(torch.isfinite(matrix).all()):
+                raise EigenError(f"{what} contains NaN or Inf") from err
             raise EigenError(f"{what}: eigendecomposition failed: {err}") from err
+        if not bool(torch.isfinite(values).all()):
+            raise EigenError(f"{what} contains NaN or Inf")
         return SymmetricEigen("torch", values, (q,))
-    if solver == "tridiagonal":
-        return _tridiagonal_eigen(matrix, what)
-    raise ValueError(f"unknown eigensolver '{solver}'; use one of {list(EIGENSOLVERS)}")
+    return _tridiagonal_eigen(matrix, what)
 
 
 @functools.lru_cache(maxsize=None)

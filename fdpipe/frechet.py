@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.linalg
@@ -65,6 +66,11 @@ ACCURACY_REL = 1e-12
 # Row blocks used to form only the lower triangle of R S R (see _sandwich_lower).
 _SANDWICH_BLOCKS = 8
 
+# Magnitudes of |S1| and |S1| |F|^2 within which the trace term is formed
+# without rescaling: far from float64's under- and overflow.
+_SAFE_SCALE_MIN = 2.0**-300
+_SAFE_SCALE_MAX = 2.0**300
+
 # Column blocks of the triangular sandwich (CovarianceFactor.sandwich_lower);
 # 12 was the fastest of 4 to 24 at d = 2048 on one core.
 _FACTOR_BLOCKS = 12
@@ -102,7 +108,14 @@ def check_gaussian(mu: np.ndarray, sigma: np.ndarray, name: str) -> None:
         )
     if not np.all(np.isfinite(mu)):
         raise StatisticsError(f"{name}: mean contains NaN or Inf")
-    if d == 0:
+    check_covariance(sigma, name)
+
+
+def check_covariance(sigma: np.ndarray, name: str) -> None:
+    """Raise StatisticsError unless sigma is a finite, square, symmetric matrix."""
+    if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
+        raise StatisticsError(f"{name}: covariance must be a square matrix, got shape {sigma.shape}")
+    if sigma.shape[0] == 0:
         return
     scale, asym = _scale_and_asymmetry(sigma)
     if not (np.isfinite(scale) and np.isfinite(asym)):
@@ -229,6 +242,7 @@ class CovarianceFactor:
         eigenvalue or returns the symmetric root as the factor.
         """
         sigma = np.ascontiguousarray(_as_float64(sigma, name))
+        check_covariance(sigma, name)
         matrix = torch.from_numpy(sigma)
         lower, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0:
@@ -248,6 +262,11 @@ class CovarianceFactor:
     @property
     def rank(self) -> int:
         return int(self.matrix.shape[1])
+
+    @cached_property
+    def max_abs(self) -> float:
+        """Largest entry magnitude of the factor (0 when it is empty)."""
+        return float(self.matrix.abs().max()) if self.matrix.numel() else 0.0
 
     def dense(self) -> torch.Tensor:
         """Return F as a d x r matrix."""
@@ -304,6 +323,33 @@ def trace_sqrt_product(
     else:
         root = np.ascontiguousarray(sqrt_sigma2, dtype=np.float64)
         factor = CovarianceFactor(torch.from_numpy(root), None, False)
+    # F^T S1 F scales like |S1| |F|^2, which under- or overflows float64 for
+    # covariances near 1e-160 or 1e160. Outside a safe range, powers of two
+    # bring both to about 1 exactly and the trace term scales back by
+    # sqrt(a) * c. Inside it no copy is made.
+    a = _power_of_two(float(s1.abs().max()) if s1.numel() else 0.0)
+    c = _power_of_two(factor.max_abs)
+    if _SAFE_SCALE_MIN <= a * c * c <= _SAFE_SCALE_MAX and _SAFE_SCALE_MIN <= a <= _SAFE_SCALE_MAX:
+        return _trace_sqrt_scaled(s1, factor, scale)
+    if scale is not None:
+        scale = scale / (float(np.sqrt(a)) * c)
+    s1 = s1 / a
+    factor = CovarianceFactor(factor.matrix / c, factor.perm, factor.triangular)
+    return _trace_sqrt_scaled(s1, factor, scale) * float(np.sqrt(a)) * c
+
+
+def _power_of_two(magnitude: float) -> float:
+    """Return an even power of two near ``magnitude`` (1 for 0), so its root is exact."""
+    if magnitude <= 0.0 or not np.isfinite(magnitude):
+        return 1.0
+    exponent = 2 * int(round(np.log2(magnitude) / 2))
+    return float(np.ldexp(1.0, exponent))
+
+
+def _trace_sqrt_scaled(
+    s1: torch.Tensor, factor: CovarianceFactor, scale: float | None
+) -> float:
+    """Return the trace term of ``trace_sqrt_product`` for inputs scaled to about 1."""
     w = _eigvalsh(factor.sandwich_lower(s1), "F^T S1 F")
     w = _zero_roundoff(w, "first covariance (seen through F^T S1 F, F F^T = second)")
     value = float(w.sqrt().sum())
@@ -373,6 +419,15 @@ def frechet_distance(
             raise StatisticsError(
                 f"factor2 has {factor2.matrix.shape[0]} rows, expected {sigma2.shape[0]}"
             )
+        # F F^T = sigma2 implies |F|_F^2 = tr(sigma2): a cheap check that the
+        # cached factor belongs to this covariance.
+        trace2 = float(np.trace(sigma2))
+        factor_trace = float(factor2.matrix.square().sum())
+        if abs(factor_trace - trace2) > 1e-8 * max(abs(trace2), np.finfo(np.float64).tiny):
+            raise StatisticsError(
+                f"factor2 does not belong to sigma2: |F|^2 = {factor_trace:.6g} but "
+                f"tr(sigma2) = {trace2:.6g}; build it with CovarianceFactor.from_covariance(sigma2)"
+            )
     elif sqrt_sigma2 is not None:
         sqrt_sigma2 = _as_float64(sqrt_sigma2, "sqrt_sigma2")
         if sqrt_sigma2.shape != sigma2.shape:
@@ -386,6 +441,11 @@ def frechet_distance(
     total = float(np.trace(sigma1) + np.trace(sigma2))
     trace_term = trace_sqrt_product(sigma1, factor2, scale=0.5 * total)
     fd = float(diff @ diff) + total - 2.0 * trace_term
+    if not np.isfinite(fd):
+        raise StatisticsError(
+            f"Frechet distance overflows float64 (|mu1 - mu2|^2 = {float(diff @ diff):.3g}, "
+            f"traces {total:.3g}); rescale the features"
+        )
     return _clip_negative(fd, total)
 
 

@@ -153,7 +153,12 @@ class FDLoss(torch.nn.Module):
             self.solvers = {s: v for s, v in saved.items() if s in self.spaces}
 
     def _solver(self, space: str, x: torch.Tensor) -> str:
-        if space not in self.solvers:
+        stale = (
+            self.eigensolver == "auto"
+            and self.solvers.get(space) == "tridiagonal"
+            and x.device.type != "cpu"
+        )
+        if space not in self.solvers or stale:
             self.solvers[space] = resolve_eigensolver(self.eigensolver, x.shape[-1], x.device)
             log.info("space '%s': eigensolver %s", space, self.solvers[space])
         return self.solvers[space]

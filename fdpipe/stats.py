@@ -224,26 +224,34 @@ class _PendingState:
 
     ``projected_population`` computes it anyway; ``update`` with the same
     batch then copies it instead of repeating the two B x d x d products.
-    The batch is compared by value, so any other batch is recomputed.
+    The batch is compared by value, and a key of the estimator's settings
+    and buffer versions catches state changed in between, so any other
+    batch or state is recomputed.
     """
 
     def __init__(self):
         self.batch: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
+        self.key: tuple = ()
 
-    def keep(self, batch: torch.Tensor, value: torch.Tensor) -> None:
+    def keep(self, batch: torch.Tensor, value: torch.Tensor, key: tuple) -> None:
+        """Keep ``value`` for ``batch``; ``key`` identifies the estimator state it came from."""
         self.batch = batch.detach().clone()
         self.value = value
+        self.key = key
 
-    def take(self, batch: torch.Tensor) -> torch.Tensor | None:
+    def take(self, batch: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        """Return the kept value if batch and state key match, else None; forget it."""
         hit = (
             self.batch is not None
+            and self.key == key
             and self.batch.shape == batch.shape
             and self.batch.device == batch.device
             and bool(torch.equal(self.batch, batch))
         )
         value = self.value if hit else None
         self.batch = self.value = None
+        self.key = ()
         return value
 
 
@@ -368,7 +376,7 @@ class EMAStatistics(torch.nn.Module):
         )
         factor = z @ self.projection
         second_moment = self._next_projected_m2(factor.detach(), batch)
-        self._pending.keep(x, second_moment)
+        self._pending.keep(x, second_moment, self._state_key())
         return ProjectedPopulation(
             mean=mu,
             trace=trace,
@@ -376,6 +384,16 @@ class EMAStatistics(torch.nn.Module):
             factor=factor,
             coef=(1.0 - b) / batch,
             centre=deviation @ self.projection,
+        )
+
+    def _state_key(self) -> tuple:
+        buffer = self.projected_m2
+        return (
+            self.beta,
+            buffer.data_ptr(),
+            buffer._version,
+            self.shift._version,
+            self.projection._version,
         )
 
     def _next_projected_m2(self, projected: torch.Tensor, batch: int) -> torch.Tensor:
@@ -391,7 +409,7 @@ class EMAStatistics(torch.nn.Module):
         b = self.beta
         batch = x.shape[0]
         z = x - self.shift
-        pending = self._pending.take(x)
+        pending = self._pending.take(x, self._state_key()) if self.projection is not None else None
         self.mu.mul_(b).add_(x.mean(0), alpha=1.0 - b)
         if self.m2 is not None:
             self.m2.mul_(b).addmm_(z.T, z, alpha=(1.0 - b) / batch)
@@ -550,7 +568,7 @@ class QueueStatistics(torch.nn.Module):
         total_sq = self.sum_squares.sum() - (old * old).sum() + (z * z).sum()
         factor = z @ root
         second_moment = self._next_projected_sum2(old @ root, factor.detach())
-        self._pending.keep(x, second_moment)
+        self._pending.keep(x, second_moment, self._state_key())
         return ProjectedPopulation(
             mean=self.shift + deviation,
             trace=total_sq / n - deviation @ deviation,
@@ -559,6 +577,17 @@ class QueueStatistics(torch.nn.Module):
             coef=1.0 / n,
             centre=deviation @ root,
             scale=1.0 / n,
+        )
+
+    def _state_key(self) -> tuple:
+        buffer = self.projected_sum2
+        return (
+            int(self.pointer),
+            buffer.data_ptr(),
+            buffer._version,
+            self.buffer._version,
+            self.shift._version,
+            self.projection._version,
         )
 
     def _next_projected_sum2(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -573,7 +602,7 @@ class QueueStatistics(torch.nn.Module):
             return
         x = _batch_float64(x.detach(), self.dim, "queue update")
         self._check_ready(x.shape[0])
-        pending = self._pending.take(x)
+        pending = self._pending.take(x, self._state_key()) if self.projection is not None else None
         slots = self._slots(x.shape[0])
         z = x - self.shift
         old = self.buffer[slots] - self.shift

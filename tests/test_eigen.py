@@ -197,3 +197,36 @@ def test_fdloss_solvers_agree_on_value_and_gradient():
         results[solver] = (float(value.detach()), grad)
     assert results["torch"][0] == pytest.approx(results["tridiagonal"][0], rel=1e-13)
     torch.testing.assert_close(results["torch"][1], results["tridiagonal"][1], rtol=1e-10, atol=1e-12)
+
+
+def test_symmetric_eigen_input_errors():
+    nan = torch.tensor(_matrix("wishart", 5))
+    nan[1, 1] = float("nan")
+    with pytest.raises(EigenError, match="test matrix contains NaN or Inf"):
+        symmetric_eigen(nan, "torch", "test matrix")
+    with pytest.raises(EigenError, match=r"expected a square matrix, got shape \(3, 4\)"):
+        symmetric_eigen(torch.zeros(3, 4, dtype=torch.float64), "tridiagonal", "test matrix")
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        symmetric_eigen(torch.eye(3, dtype=torch.float64), "auto", "test matrix")
+
+
+@pytest.mark.parametrize("solver", ["torch", "tridiagonal"])
+def test_symmetric_eigen_empty_and_grad_inputs(solver):
+    empty = symmetric_eigen(torch.zeros(0, 0, dtype=torch.float64), solver, "empty")
+    assert empty.values.numel() == 0
+    matrix = torch.tensor(_matrix("wishart", 4), requires_grad=True)
+    result = symmetric_eigen(matrix.clone(), solver, "with grad")
+    np.testing.assert_allclose(
+        result.values.numpy(), np.linalg.eigvalsh(matrix.detach().numpy()), rtol=1e-13
+    )
+
+
+def test_auto_solver_is_chosen_again_off_the_cpu():
+    rng = np.random.default_rng(8)
+    ref = GaussianStats.from_features(rng.standard_normal((40, 6)), space="demo")
+    loss = FDLoss({"demo": ref}, method="ema", beta=0.5)
+    loss.solvers["demo"] = "tridiagonal"  # as restored from a CPU checkpoint
+    assert loss._solver("demo", torch.empty(2, 6, device="meta")) == "torch"
+    explicit = FDLoss({"demo": ref}, method="ema", beta=0.5, eigensolver="tridiagonal")
+    explicit.solvers["demo"] = "tridiagonal"
+    assert explicit._solver("demo", torch.empty(2, 6, device="meta")) == "tridiagonal"

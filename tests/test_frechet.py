@@ -270,3 +270,46 @@ def test_error_features_with_nan():
     x[0, 0] = np.nan
     with pytest.raises(StatisticsError, match="first features: features contain NaN or Inf"):
         frechet_distance_features(x, np.ones((5, 3)))
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-160, 1e160, 1e300])
+def test_fd_scales_exactly_at_extreme_magnitudes(scale):
+    # F^T S1 F would under- or overflow without rescaling inside the trace term.
+    rng = np.random.default_rng(10)
+    x1 = rng.standard_normal((200, 16))
+    x2 = rng.standard_normal((200, 16)) * 1.3
+    s1, s2 = np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
+    mu1, mu2 = x1.mean(0), x2.mean(0)
+    base = frechet_distance(mu1=mu1, sigma1=s1, mu2=mu2, sigma2=s2)
+    root = np.sqrt(scale)
+    scaled = frechet_distance(
+        mu1=mu1 * root, sigma1=s1 * scale, mu2=mu2 * root, sigma2=s2 * scale
+    )
+    assert scaled / scale == pytest.approx(base, rel=1e-12)
+    same = frechet_distance(mu1=mu1 * root, sigma1=s1 * scale, mu2=mu1 * root, sigma2=s1 * scale)
+    assert 0.0 <= same < 1e-9 * np.trace(s1) * scale
+
+
+def test_fd_overflow_raises():
+    big = np.full(3, 1e200)
+    with pytest.raises(StatisticsError, match="overflows float64"):
+        frechet_distance(mu1=big, sigma1=np.eye(3), mu2=-big, sigma2=np.eye(3))
+
+
+def test_covariance_factor_input_errors():
+    nan = np.eye(3)
+    nan[1, 1] = np.nan
+    with pytest.raises(StatisticsError, match="reference: covariance contains NaN or Inf"):
+        CovarianceFactor.from_covariance(nan, name="reference")
+    with pytest.raises(StatisticsError, match="reference: covariance is not symmetric"):
+        CovarianceFactor.from_covariance(np.array([[1.0, 5.0], [0.0, 1.0]]), name="reference")
+    with pytest.raises(StatisticsError, match=r"must be a square matrix, got shape \(2, 3\)"):
+        CovarianceFactor.from_covariance(np.ones((2, 3)), name="reference")
+
+
+def test_factor_of_another_covariance_is_rejected():
+    rng = np.random.default_rng(11)
+    s = np.cov(rng.standard_normal((50, 5)), rowvar=False)
+    other = CovarianceFactor.from_covariance(2.0 * s)
+    with pytest.raises(StatisticsError, match="factor2 does not belong to sigma2"):
+        frechet_distance(mu1=np.zeros(5), sigma1=s, mu2=np.zeros(5), sigma2=s, factor2=other)

@@ -257,3 +257,25 @@ def test_queue_population_after_many_wraps(offset):
             assert _rel(mu.numpy(), ref_mu) < 1e-10, step
             assert _rel(sigma.numpy(), ref_sigma) < 1e-10, step
         queue.update(torch.tensor(batch))
+
+
+def test_kept_moment_not_used_after_state_changes():
+    rng = np.random.default_rng(12)
+    d = 5
+    root = torch.tensor(psd_sqrt(np.cov(rng.standard_normal((30, d)), rowvar=False)))
+    pool = torch.tensor(rng.standard_normal((12, d)))
+    x = torch.tensor(rng.standard_normal((3, d)))
+    for change in ("beta", "buffer"):
+        seen = EMAStatistics(d, 0.8, projection=root, keep_second_moment=False)
+        fresh = EMAStatistics(d, 0.8, projection=root, keep_second_moment=False)
+        seen.fill(pool)
+        fresh.fill(pool)
+        seen.projected_population(x)
+        for est in (seen, fresh):
+            if change == "beta":
+                est.beta = 0.3
+            else:
+                est.projected_m2.mul_(2.0)
+        seen.update(x)
+        fresh.update(x)
+        assert torch.equal(seen.projected_m2, fresh.projected_m2), change
