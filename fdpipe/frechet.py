@@ -440,10 +440,12 @@ def frechet_distance(
     diff = mu1 - mu2
     total = float(np.trace(sigma1) + np.trace(sigma2))
     trace_term = trace_sqrt_product(sigma1, factor2, scale=0.5 * total)
-    fd = float(diff @ diff) + total - 2.0 * trace_term
+    with np.errstate(over="ignore"):
+        mean_term = float(diff @ diff)
+    fd = mean_term + total - 2.0 * trace_term
     if not np.isfinite(fd):
         raise StatisticsError(
-            f"Frechet distance overflows float64 (|mu1 - mu2|^2 = {float(diff @ diff):.3g}, "
+            f"Frechet distance overflows float64 (|mu1 - mu2|^2 = {mean_term:.3g}, "
             f"traces {total:.3g}); rescale the features"
         )
     return _clip_negative(fd, total)
