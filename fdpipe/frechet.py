@@ -7,9 +7,9 @@ as the Cholesky factor of S2 (``CovarianceFactor``): it belongs to the
 reference statistics, so it is computed once and cached with them, and its
 triangular shape makes F^T S1 F cost about 0.8 of one d x d x d product.
 Each distance then costs that product and one symmetric eigenvalue
-decomposition (``torch.linalg.eigvalsh``, MKL in torch's x86 wheels; on the
+decomposition (``torch.linalg.eigvalsh``, MKL in torch's x86 wheels). On the
 Intel Xeon in benchmarks/BENCHMARKS.md it took less than half the time of
-the OpenBLAS one in numpy and scipy, on the AMD EPYC the same time).
+the OpenBLAS one in numpy and scipy; on the AMD EPYC both took the same time.
 
 The module also holds the autograd functions behind the differentiable FD of
 ``fdpipe.loss``. They use the symmetric root R of the reference, return the
