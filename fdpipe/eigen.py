@@ -85,7 +85,7 @@ def symmetric_eigen(matrix: torch.Tensor, solver: str, what: str) -> SymmetricEi
 
     The matrix must be symmetric: each solver reads one triangle only
     (``torch`` the lower one, ``tridiagonal`` the upper). Raises EigenError, naming ``what``, when
-    LAPACK fails or the matrix holds NaN or Inf.
+    LAPACK fails or the matrix contains NaN or Inf.
     """
     if solver not in EIGENSOLVERS or solver == "auto":
         raise ValueError(

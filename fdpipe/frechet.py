@@ -9,7 +9,8 @@ triangular shape makes F^T S1 F cost about 0.8 of one d x d x d product.
 Each distance then costs that product and one symmetric eigenvalue
 decomposition (``torch.linalg.eigvalsh``, MKL in torch's x86 wheels). On the
 Intel Xeon in benchmarks/BENCHMARKS.md it took less than half the time of
-the OpenBLAS one in numpy and scipy; on the AMD EPYC both took the same time.
+the OpenBLAS one in numpy and scipy. On the AMD EPYC there, both took the
+same time.
 
 The module also holds the autograd functions behind the differentiable FD of
 ``fdpipe.loss``. They use the symmetric root R of the reference, return the
@@ -243,6 +244,11 @@ class CovarianceFactor:
         """
         sigma = np.ascontiguousarray(_as_float64(sigma, name))
         check_covariance(sigma, name)
+        return cls._of_checked(sigma, name)
+
+    @classmethod
+    def _of_checked(cls, sigma: np.ndarray, name: str) -> "CovarianceFactor":
+        """Factor a float64 covariance that ``check_covariance`` has accepted."""
         matrix = torch.from_numpy(sigma)
         lower, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0:
@@ -436,7 +442,10 @@ def frechet_distance(
             )
         factor2 = CovarianceFactor(torch.from_numpy(sqrt_sigma2), None, False)
     else:
-        factor2 = CovarianceFactor.from_covariance(sigma2, name="second statistics")
+        # check_gaussian has validated sigma2 above, so skip the second pass.
+        factor2 = CovarianceFactor._of_checked(
+            np.ascontiguousarray(sigma2), "second statistics"
+        )
     diff = mu1 - mu2
     total = float(np.trace(sigma1) + np.trace(sigma2))
     trace_term = trace_sqrt_product(sigma1, factor2, scale=0.5 * total)
